@@ -1,0 +1,13 @@
+"""clipspm: CLIP-SPM few-shot action recognition from a cached CLIP feature store.
+
+Stage one (`clipspm.stages.extract`) decodes TSN frame samples and stores frozen CLIP features;
+stage two (`clipspm.stages.heads`) trains the CLIP-SPM heads episodically from that store;
+stage three (`clipspm.stages.finetune`) tunes the visual tower end to end.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("clipspm")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

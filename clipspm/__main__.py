@@ -1,0 +1,3 @@
+from clipspm.cli import main
+
+main()
