@@ -1,0 +1,15 @@
+"""The feature cache: `clipspm.cache.open(path)` gives its arrays and provenance to Python users."""
+
+from pathlib import Path
+
+from clipspm.cache.address import cache_path, settings_key
+from clipspm.cache.store import DONE, FAILED, PENDING, FeatureCache, SplitFeatures, find_store
+
+
+def open(path: str | Path) -> FeatureCache:  # noqa: A001 - `clipspm.cache.open` reads like `zarr.open`
+    """Open a cache directory (or the store inside it) for reading."""
+    return FeatureCache(find_store(Path(path)))
+
+
+__all__ = ["DONE", "FAILED", "PENDING", "FeatureCache", "SplitFeatures", "cache_path", "find_store", "open",
+           "settings_key"]

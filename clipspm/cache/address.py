@@ -1,0 +1,28 @@
+"""A cache is addressed by the settings that determine its contents.
+
+The same settings give the same directory name, so a repeated command finds and reuses its
+cache; any other setting (backbone, weights, T, views, seed, split definition...) gives a new one.
+How fast the extraction ran (workers, batch size, number of processes) is not part of the address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+
+def settings_key(settings: dict) -> str:
+    """Short stable hash of the content-defining settings."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def cache_path(cache_root: Path, settings: dict) -> Path:
+    """`CACHE_ROOT/{dataset}-{model}-{weights}-T{T}-{key}`: readable, and unique per settings."""
+    weights = settings["pretrained"] if settings["pretrained_kind"] == "tag" else settings["pretrained_kind"]
+    if settings.get("tuned_weights_sha256"):
+        weights += "-tuned"
+    name = f"{settings['dataset']}-{settings['model']}-{weights}-T{settings['num_frames']}-{settings_key(settings)}"
+    return Path(cache_root) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)

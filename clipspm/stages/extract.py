@@ -1,0 +1,319 @@
+"""Stage one: decode TSN samples, encode them with the frozen CLIP visual tower, store the features.
+
+    dataset -> videos -> DataLoader workers (decode, sample, crop: uint8) -> encoder (batched
+    frames of many videos, autocast on CUDA) -> blocks of videos written to the store
+
+The same command run twice reuses the cache; a killed run resumes at the first unfinished block;
+a bad video is recorded with its reason and skipped. Under torchrun the pending blocks are
+shared out across ranks, which all write into the one store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+import clipspm
+from clipspm.cache.address import cache_path
+from clipspm.cache.store import (DONE, FAILED, STAGING_NAME, STORE_NAMES, CacheShape, FeatureCache, StoreWriter,
+                                 convert_to_hdf5, create_store)
+from clipspm.config import load_config, prompt_templates
+from clipspm.datasets import Dataset, load_dataset
+from clipspm.errors import CacheError, ClipspmError
+from clipspm.pipeline.encoder import ClipModel, load_clip, resolve_precision
+from clipspm.stages import distributed
+from clipspm.video.views import VideoItem, VideoViewsDataset, ViewSettings, collate_items
+
+DEFAULTS = load_config("extract")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ExtractOptions:
+    """What to extract and how. `backbone`/`pretrained` None take the dataset's defaults."""
+
+    dataset: str = "synthetic"
+    root: Path | None = None
+    split_dir: Path | None = None
+    splits: tuple[str, ...] = SPLITS
+    backbone: str | None = None
+    pretrained: str | None = None
+    weights: Path | None = None          # fine-tuned visual-tower weights (safetensors) loaded on top
+    num_frames: int = DEFAULTS.num_frames
+    train_views: int = DEFAULTS.train_views
+    seed: int = DEFAULTS.seed
+    format: str = DEFAULTS.format
+    cache_root: Path = Path("caches")
+    batch_frames: int = DEFAULTS.run.batch_frames
+    workers: int = DEFAULTS.run.workers
+    precision: str = DEFAULTS.run.precision
+    device: str | None = None
+    block: int = DEFAULTS.run.block
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    path: Path                 # the cache directory
+    store: Path                # the Zarr store or HDF5 file inside it
+    reused: bool               # an identical finished cache existed: nothing was encoded
+    resumed: bool              # an unfinished run of the same settings was continued
+    total: int
+    done: int
+    failed: int
+    encoded_now: int
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)   # (video id, reason)
+
+    @property
+    def videos_per_second(self) -> float:
+        return self.encoded_now / self.seconds if self.seconds > 0 else 0.0
+
+
+def extract(options: ExtractOptions) -> ExtractResult:
+    """Make (or reuse, or resume) the feature cache that `options` describe."""
+    if options.format not in STORE_NAMES:
+        raise ClipspmError(f"unknown cache format {options.format!r}: use zarr or hdf5")
+    if options.num_frames < 1 or options.train_views < 0:
+        raise ClipspmError("--num-frames must be at least 1 and --train-views at least 0")
+    dist = distributed.setup(options.device)
+    console = Console(stderr=True, quiet=not dist.is_main)
+    started = time.perf_counter()
+
+    dataset = _load_dataset_once(options, dist)
+    clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,
+                     dist.device, seed=options.seed, weights=options.weights)
+    views = ViewSettings(num_segments=options.num_frames, train_views=options.train_views,
+                         shorter_side=round(clip.image_size * DEFAULTS.resize_ratio), crop=clip.image_size,
+                         hflip=dataset.hflip)
+    settings = content_settings(options, dataset, clip, views)
+    path = cache_path(options.cache_root, settings)
+    final = path / STORE_NAMES[options.format]
+
+    if final.exists():
+        with FeatureCache(final) as cache:
+            if cache.complete:
+                _check_same_settings(cache.meta, settings, final)
+                console.print(f"[green]reusing cache[/] {path} (same settings; nothing to extract)")
+                return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=True,
+                               resumed=False, encoded_now=0, seconds=time.perf_counter() - started)
+    working = final if options.format == "zarr" else path / STAGING_NAME
+    resumed = working.exists()
+    if dist.is_main and not resumed:
+        _create(working, dataset, clip, views, settings, options)
+    dist.barrier()
+    writer = StoreWriter(working)
+    _check_same_settings(writer.meta, settings, working)
+    pending = writer.pending_blocks(options.block)
+    dist.barrier()  # every rank shares out the same pending list before any rank writes
+    if dist.is_main and not writer.meta["text_done"]:
+        writer.write_text(text_features(clip, dataset))
+    if resumed:
+        console.print(f"resuming {path}: {len(pending)} of {-(-len(dataset.videos) // options.block)} blocks left")
+    mine = pending[dist.rank::dist.world_size]
+    encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
+
+    dist.barrier()
+    status = writer.status()
+    if dist.is_main:
+        summary = {"done": int((status == DONE).sum()), "failed": int((status == FAILED).sum()),
+                   "total": int(status.size)}
+        writer.update_meta(complete=True, summary=summary,
+                           completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if options.format == "hdf5":
+            convert_to_hdf5(working, final)
+    dist.barrier()
+    with FeatureCache(final) as cache:
+        return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=False, resumed=resumed,
+                       encoded_now=encoded, seconds=time.perf_counter() - started)
+
+
+def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel, views: ViewSettings) -> dict:
+    """Everything that decides what the cache holds: the cache's address is their hash."""
+    return {
+        "dataset": dataset.name,
+        "split_hash": dataset.split_hash,
+        "splits": [split for split in SPLITS if split in options.splits],
+        "model": clip.name,
+        "pretrained": clip.pretrained if clip.pretrained_kind == "tag" else clip.pretrained_kind,
+        "pretrained_kind": clip.pretrained_kind,
+        "weight_sha256": clip.weight_sha256,
+        "tuned_weights_sha256": clip.weight_sha256 if options.weights else None,
+        "num_frames": views.num_segments,
+        "train_views": views.train_views,
+        "crop": views.crop,
+        "resize_shorter_side": views.shorter_side,
+        "hflip": views.hflip,
+        "seed": options.seed,
+        "templates": list(prompt_templates()),
+    }
+
+
+def text_features(clip: ClipModel, dataset: Dataset) -> np.ndarray:
+    """[classes, R, C]: every template of Appendix A filled with every class text (Eq. 2)."""
+    templates = prompt_templates()
+    texts = [template.format(entry.text) for entry in dataset.classes for template in templates]
+    return clip.encode_texts(texts).reshape(len(dataset.classes), len(templates), -1).cpu().numpy()
+
+
+def _load_dataset_once(options: ExtractOptions, dist: distributed.Distributed) -> Dataset:
+    """Rank 0 first: loading the synthetic dataset may generate it, which must happen once."""
+    kwargs = dict(split_dir=options.split_dir, splits=options.splits, seed=options.seed)
+    dataset = load_dataset(options.dataset, options.root, **kwargs) if dist.is_main else None
+    dist.barrier()
+    return dataset if dataset is not None else load_dataset(options.dataset, options.root, **kwargs)
+
+
+def _create(working: Path, dataset: Dataset, clip: ClipModel, views: ViewSettings, settings: dict,
+            options: ExtractOptions) -> None:
+    """Build the empty store under a temporary name, so that a kill here leaves nothing half-made."""
+    shape = CacheShape(num_videos=len(dataset.videos), views=views.views, num_frames=views.num_segments,
+                       feature_dim=clip.feature_dim, num_classes=len(dataset.classes),
+                       num_templates=len(prompt_templates()), block=options.block)
+    meta = {
+        "clipspm_version": clipspm.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "dataset_root": str(dataset.root),
+        "model": clip.name,
+        "pretrained": clip.pretrained,
+        "weight_sha256": clip.weight_sha256,
+        "open_clip_version": open_clip.__version__,
+        "torch_version": torch.__version__,
+        "num_frames": views.num_segments,
+        "train_views": views.train_views,
+        "feature_dim": clip.feature_dim,
+        "features": "projected image embedding (encode_image), not L2-normalised, float16",
+        "sampling": "TSN: T equal segments; view 0 = middle frame of each segment, views 1..V = one uniformly "
+                    "random frame per segment",
+        "crop": {"size": views.crop, "resize_shorter_side": views.shorter_side, "test_view": "center",
+                 "train_views": "random crop" + (" + random horizontal flip" if views.hflip else ", no flip")},
+        "normalize": {"mean": list(clip.mean), "std": list(clip.std)},
+        "templates": list(prompt_templates()),
+        "split_hash": dataset.split_hash,
+        "seed": options.seed,
+        "block": options.block,
+        "precision": resolve_precision(options.precision, clip.device),
+        "format": options.format,
+    }
+    staging = working.with_name(working.name + ".creating")
+    if staging.exists():
+        shutil.rmtree(staging)
+    index = dataset.class_index()
+    create_store(staging, shape,
+                 video_ids=[video.key for video in dataset.videos],
+                 labels=np.asarray([index[video.class_key] for video in dataset.videos]),
+                 split=[video.split for video in dataset.videos],
+                 class_keys=[entry.key for entry in dataset.classes],
+                 class_texts=[entry.text for entry in dataset.classes],
+                 class_splits=[entry.split for entry in dataset.classes], meta=meta)
+    working.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(working)
+
+
+def _check_same_settings(meta: dict, settings: dict, where: Path) -> None:
+    if meta.get("settings") != settings:
+        raise CacheError(f"{where} was made with other settings than this command asks for; it is not reused. "
+                         f"Delete it or pass another --cache-dir")
+
+
+class _BlockBuffer:
+    """Results of one block's videos, collected until the block is complete and written whole."""
+
+    def __init__(self, rows: slice, views: int, num_frames: int, feature_dim: int):
+        n = rows.stop - rows.start
+        self.rows = rows
+        self.missing = n
+        self.features = np.zeros((n, views, num_frames, feature_dim), "float16")
+        self.frame_indices = np.full((n, views, num_frames), -1, "int32")
+        self.crop_offsets = np.full((n, views, 2), -1, "int16")
+        self.flipped = np.zeros((n, views), bool)
+        self.num_source_frames = np.zeros(n, "int32")
+        self.status = np.full(n, FAILED, "int8")
+        self.error = [""] * n
+
+    def add(self, item: VideoItem, features: np.ndarray | None) -> None:
+        i = item.row - self.rows.start
+        self.missing -= 1
+        if item.views is None:
+            self.error[i] = item.error or "unknown error"
+            return
+        self.features[i] = features
+        self.frame_indices[i] = item.views.frame_indices
+        self.crop_offsets[i] = item.views.crop_offsets
+        self.flipped[i] = item.views.flipped
+        self.num_source_frames[i] = item.views.num_frames
+        self.status[i] = DONE
+
+    def write(self, writer: StoreWriter) -> None:
+        writer.write_block(self.rows, features=self.features, frame_indices=self.frame_indices,
+                           crop_offsets=self.crop_offsets, flipped=self.flipped,
+                           num_source_frames=self.num_source_frames, status=self.status, error=self.error)
+
+
+@torch.inference_mode()
+def _encode_blocks(writer: StoreWriter, blocks: list[int], dataset: Dataset, clip: ClipModel, views: ViewSettings,
+                   options: ExtractOptions, console: Console, dist: distributed.Distributed) -> int:
+    """Decode in workers, encode batches of frames, write each block once all its videos are in."""
+    shape = CacheShape(len(dataset.videos), views.views, views.num_segments, clip.feature_dim, 0, 0, options.block)
+    items = [(row, dataset.videos[row].key, dataset.videos[row].path, dataset.videos[row].problem)
+             for block in blocks for row in range(*shape.block_rows(block).indices(shape.num_videos))]
+    if not items:
+        return 0
+    videos_per_batch = max(1, options.batch_frames // (views.views * views.num_segments))
+    loader = DataLoader(VideoViewsDataset(items, views, options.seed), batch_size=videos_per_batch,
+                        num_workers=options.workers, collate_fn=collate_items,
+                        prefetch_factor=4 if options.workers > 0 else None)
+    precision = resolve_precision(options.precision, clip.device)
+    buffers: dict[int, _BlockBuffer] = {}
+    failed = 0
+    columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
+               TextColumn("{task.fields[rate]:.1f}/s"), TextColumn("failed {task.fields[failed]}"),
+               TimeRemainingColumn()]
+    started = time.perf_counter()
+    with Progress(*columns, console=console, disable=not options.progress) as progress:
+        task = progress.add_task("extract", total=len(items), rate=0.0, failed=0)
+        for batch in loader:
+            good = [item for item in batch if item.views is not None]
+            features = iter(_encode(clip, good, precision, options.batch_frames) if good else [])
+            for item in batch:
+                block = item.row // options.block
+                if block not in buffers:
+                    buffers[block] = _BlockBuffer(shape.block_rows(block), views.views, views.num_segments,
+                                                  clip.feature_dim)
+                buffers[block].add(item, next(features) if item.views is not None else None)
+                failed += item.views is None
+                if buffers[block].missing == 0:
+                    buffers.pop(block).write(writer)
+            progress.update(task, advance=len(batch), failed=failed,
+                            rate=progress.tasks[0].completed / max(time.perf_counter() - started, 1e-9))
+    return len(items)
+
+
+def _encode(clip: ClipModel, items: list[VideoItem], precision: str, batch_frames: int) -> np.ndarray:
+    """[videos, views, T, C] float16 features of the items' crops, `batch_frames` frames per forward."""
+    frames = torch.cat([item.views.frames.flatten(0, 1) for item in items])     # [(n views T), 3, S, S]
+    if clip.device.type == "cuda":
+        frames = frames.pin_memory()
+    out = torch.cat([clip.encode_frames(frames[i:i + batch_frames], precision)
+                     for i in range(0, len(frames), batch_frames)])
+    per_video = items[0].views.frames.shape[:2]
+    return out.reshape(len(items), *per_video, -1).to(torch.float16).cpu().numpy()
+
+
+def _result(path: Path, store: Path, status: np.ndarray, video_ids: np.ndarray, errors: np.ndarray, *,
+            reused: bool, resumed: bool, encoded_now: int, seconds: float) -> ExtractResult:
+    failed_rows = np.flatnonzero(status == FAILED)
+    return ExtractResult(path=path, store=store, reused=reused, resumed=resumed, total=int(status.size),
+                         done=int((status == DONE).sum()), failed=int(failed_rows.size), encoded_now=encoded_now,
+                         seconds=seconds, failures=[(str(video_ids[i]), str(errors[i])) for i in failed_rows])

@@ -1,0 +1,66 @@
+"""TSN sampling and the spatial view of each sample (SPEC section 1).
+
+A video's frames are split into T equal segments. The test view takes the middle frame of each
+segment and a centre crop; a train view takes one uniformly random frame per segment, a random
+crop and (unless the dataset forbids it) a random horizontal flip shared by all T frames.
+
+Randomness comes from `(seed, video key)` alone, so a resumed or multi-process extraction draws
+exactly the views an uninterrupted single-process run would have drawn. Frame indices are drawn
+before crops because the frame size is known only once frames are decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def segment_bounds(num_frames: int, num_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of each TSN segment; every segment is non-empty when num_frames >= num_segments."""
+    edges = (np.arange(num_segments + 1) * num_frames) // num_segments
+    return edges[:-1], edges[1:]
+
+
+def tsn_test_indices(num_frames: int, num_segments: int) -> np.ndarray:
+    """The middle frame of each segment."""
+    starts, ends = segment_bounds(num_frames, num_segments)
+    return (starts + ends - 1) // 2
+
+
+def tsn_train_indices(num_frames: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """One uniformly random frame per segment."""
+    starts, ends = segment_bounds(num_frames, num_segments)
+    return starts + rng.integers(0, ends - starts)
+
+
+def resized_size(height: int, width: int, shorter_side: int) -> tuple[int, int]:
+    """Frame size after scaling the shorter side to `shorter_side` (aspect ratio kept)."""
+    scale = shorter_side / min(height, width)
+    return max(shorter_side, round(height * scale)), max(shorter_side, round(width * scale))
+
+
+def video_rng(seed: int, video_key: str, *salt: int) -> np.random.Generator:
+    """A generator that depends only on the seed, the video and `salt` (e.g. the training step)."""
+    digest = hashlib.sha256(video_key.encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little"), *salt])
+
+
+def sample_frame_indices(num_frames: int, rng: np.random.Generator, *, num_segments: int,
+                         train_views: int) -> np.ndarray:
+    """[1 + train_views, T]: the test view's frames, then one random draw per train view."""
+    views = [tsn_test_indices(num_frames, num_segments)]
+    views += [tsn_train_indices(num_frames, num_segments, rng) for _ in range(train_views)]
+    return np.stack(views)
+
+
+def sample_crops(frame_hw: tuple[int, int], rng: np.random.Generator, *, views: int, shorter_side: int,
+                 crop: int, hflip: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Crop offsets [views, 2] and flips [views] in the resized frame: centre for view 0, random after."""
+    height, width = resized_size(*frame_hw, shorter_side)
+    offsets = [((height - crop) // 2, (width - crop) // 2)]
+    flipped = [False]
+    for _ in range(views - 1):
+        offsets.append((int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))))
+        flipped.append(bool(hflip and rng.random() < 0.5))
+    return np.asarray(offsets), np.asarray(flipped), (height, width)
