@@ -1,0 +1,121 @@
+"""The Episode batch, what a head returns, and the one episode step that assembles the loss.
+
+A batch holds E episodes. Heads process all of them in one forward pass; the loss is the mean
+over episodes, so one batched step has the gradient of the paper's accumulation over E episodes.
+Both trainers (heads on cached features, end-to-end fine-tuning) call `episode_step`: it is the
+only place the training loss is put together (Eq. 15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+# aux key of a head -> the `loss:` config key holding its weight (Eq. 15: λ3 L_H, λ4 L_S; CLIP-FSAR).
+AUX_LOSS_WEIGHTS = {"hsmr": "lambda_h", "spm": "lambda_s", "video_text": "video_text"}
+
+
+@dataclass(kw_only=True)
+class Episode:
+    """E N-way K-shot episodes with M queries per class, T frames of width C."""
+
+    support: Tensor            # [E, N*K, T, C] class-major: support[e, n*K + k] belongs to class n
+    query: Tensor              # [E, N*M, T, C]
+    query_labels: Tensor       # [E, N*M] long in [0, N); heads read it only in training mode
+    class_text: Tensor         # [E, N, C] prompt feature per episode class (mean of its first R templates)
+    class_ids: Tensor          # [E, N] long: global class index (row of base_text for base classes)
+    base_text: Tensor | None = None  # [B, C] prompt features of all base classes (CLIP-FSAR video-text loss)
+    shots: int                 # K
+
+    def __post_init__(self) -> None:
+        e, nk, t, c = self.support.shape
+        if nk % self.shots:
+            raise ValueError(f"{nk} support videos do not split into {self.shots}-shot classes")
+        n = nk // self.shots
+        expected = {"query": (e, self.query.shape[1], t, c), "query_labels": (e, self.query.shape[1]),
+                    "class_text": (e, n, c), "class_ids": (e, n)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"Episode.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+        if self.query.shape[1] % n:
+            raise ValueError(f"{self.query.shape[1]} queries do not split over {n} classes")
+
+    @property
+    def num_episodes(self) -> int:
+        return self.support.shape[0]
+
+    @property
+    def ways(self) -> int:
+        return self.class_text.shape[1]
+
+    @property
+    def queries_per_class(self) -> int:
+        return self.query.shape[1] // self.ways
+
+    @property
+    def frames(self) -> int:
+        return self.support.shape[2]
+
+    @property
+    def dim(self) -> int:
+        return self.support.shape[3]
+
+    @property
+    def support_labels(self) -> Tensor:
+        """[E, N*K] class of each support video (class-major layout)."""
+        labels = torch.arange(self.ways, device=self.support.device)
+        return repeat(labels, "n -> e (n k)", e=self.num_episodes, k=self.shots)
+
+    def support_text(self) -> Tensor:
+        """[E, N*K, 1, C] f_TP: the prompt feature of each support video's class."""
+        return repeat(self.class_text, "e n c -> e (n k) 1 c", k=self.shots)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Episode:
+        """Move every tensor to `device`; cast the float ones to `dtype` if given."""
+        def move(x: Tensor | None) -> Tensor | None:
+            if x is None:
+                return None
+            return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+        return replace(self, support=move(self.support), query=move(self.query), query_labels=move(self.query_labels),
+                       class_text=move(self.class_text), class_ids=move(self.class_ids), base_text=move(self.base_text))
+
+    def select(self, index: slice | int) -> Episode:
+        """A sub-batch of the episodes (an int keeps the episode dim: E = 1)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return replace(self, support=self.support[index], query=self.query[index],
+                       query_labels=self.query_labels[index], class_text=self.class_text[index],
+                       class_ids=self.class_ids[index])
+
+
+@dataclass
+class HeadOutput:
+    logits: Tensor                                         # [E, N*M, N] = -distance
+    aux: dict[str, Tensor] = field(default_factory=dict)   # unweighted auxiliary losses, mean over episodes
+
+
+@dataclass
+class StepResult:
+    loss: Tensor                   # scalar, differentiable
+    logits: Tensor                 # [E, N*M, N]
+    metrics: dict[str, float]      # loss, ce, accuracy and each auxiliary loss (unweighted)
+
+
+def episode_step(head: nn.Module, episode: Episode, loss_cfg: Mapping) -> StepResult:
+    """Forward the head and assemble L = CE + Σ weight * aux (Eq. 15), averaged over the E episodes."""
+    out = head(episode)
+    labels = episode.query_labels
+    ce = F.cross_entropy(rearrange(out.logits, "e q n -> (e q) n"), labels.flatten())  # mean over queries, episodes
+    loss = ce
+    for name, value in out.aux.items():
+        if name not in AUX_LOSS_WEIGHTS:
+            raise KeyError(f"head returned an auxiliary loss {name!r} with no weight in AUX_LOSS_WEIGHTS")
+        loss = loss + loss_cfg[AUX_LOSS_WEIGHTS[name]] * value
+    accuracy = (out.logits.argmax(-1) == labels).float().mean()
+    names = ["loss", "ce", "accuracy", *out.aux]
+    values = torch.stack([v.detach().float() for v in (loss, ce, accuracy, *out.aux.values())]).tolist()  # one sync
+    return StepResult(loss=loss, logits=out.logits, metrics=dict(zip(names, values)))
