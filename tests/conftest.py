@@ -87,3 +87,25 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory) -> Path:
+    """A small synthetic dataset (9 videos per class) extracted with the tiny random-weights model."""
+    from clipspm.datasets.synthetic import ensure_synthetic
+    from clipspm.stages.extract import ExtractOptions, extract
+
+    work = tmp_path_factory.mktemp("synthetic")
+    root = ensure_synthetic(work / "data", seed=0, videos_per_class=9, progress=False)
+    result = extract(ExtractOptions(dataset="synthetic", root=root, cache_root=work / "caches", train_views=2,
+                                    workers=0, progress=False))
+    return result.path
+
+
+def heads_config(cache: Path, *overrides: str):
+    """The shipped heads config on `cache`, with a short schedule for tests."""
+    from clipspm.stages.runs import resolve_config
+
+    return resolve_config("heads", "synthetic", overrides=[f"data.cache={cache}", "train.episodes=320",
+                                                           "train.val_every=160", "train.val_episodes=100",
+                                                           "train.log_every=32", *overrides])

@@ -8,6 +8,7 @@ the hub is unreachable, refused in seconds with the way to pass a local file.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ class ClipModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     feature_dim: int
+    config_sha256: str         # of the open_clip architecture config: same weights, other config, other features
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +136,7 @@ def load_clip(name: str, pretrained: str = "openai", device: str | torch.device 
         mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
         feature_dim=int(open_clip.get_model_config(name)["embed_dim"]),
+        config_sha256=hashlib.sha256(json.dumps(open_clip.get_model_config(name), sort_keys=True).encode()).hexdigest(),
     )
 
 

@@ -1,0 +1,147 @@
+"""Evaluation on fixed test episodes (10,000 by default), and paired comparison of two runs.
+
+Test episodes are drawn once per (split, N, K, M, count, seed) and stored beside the cache, so
+every model and every ablation variant is scored on identical episodes, and `compare` can report
+the paired difference, whose confidence interval is far tighter than that of two separate means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from clipspm.errors import ClipspmError
+from clipspm.stages.episodes import EpisodeIndex, build_episode, episode_file_name, fixed_episodes
+
+RESULTS_NAME = "results.json"
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (normal approximation, as in the FSAR literature)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float(values.mean()) if values.size else float("nan"), float("nan")
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+@torch.no_grad()
+def evaluate_episodes(head: torch.nn.Module, index: EpisodeIndex, data, *, batch: int = 250,
+                      progress: Progress | None = None) -> np.ndarray:
+    """Per-episode accuracy [E] of `head` on the episodes `index` over `data` (a RunData split)."""
+    head.eval()
+    accuracies = []
+    task = progress.add_task("eval", total=len(index)) if progress is not None else None
+    for start in range(0, len(index), batch):
+        part = index.slice(start, start + batch)
+        episode = build_episode(part, data.features, data.labels, data.class_text)
+        logits = head(episode).logits                                       # [E, N*M, N]
+        accuracies.append((logits.argmax(-1) == episode.query_labels).float().mean(-1).cpu())
+        if task is not None:
+            progress.update(task, advance=len(part))
+    return torch.cat(accuracies).numpy()
+
+
+@dataclass
+class EvalResult:
+    run_dir: str
+    split: str
+    ways: int
+    shots: int
+    queries: int
+    episodes: int
+    seed: int
+    accuracy: float          # mean over episodes, in [0, 1]
+    ci95: float              # half-width of the 95% confidence interval
+    checkpoint: str
+    cache: str
+    episodes_file: str
+    episodes_sha256: str
+    seconds: float
+
+
+def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | None = None,
+                 checkpoint: str = "best", cache_path: Path | None = None, device: str | None = None,
+                 progress: bool = True, console: Console | None = None) -> EvalResult:
+    """Score a run's checkpoint on the stored test episodes; write results.json and per-episode accuracies."""
+    from clipspm.cache.store import FeatureCache, find_store
+    from clipspm.pipeline.model import build_head
+    from clipspm.stages.checkpoint import load_checkpoint
+    from clipspm.stages.runs import check_cache_fits, load_run_config, load_run_data
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    episodes = episodes or cfg.eval.episodes
+    queries = queries or cfg.eval.queries
+    if cfg.get("finetune") is not None and cache_path is None:
+        from clipspm.stages.finetune import tuned_test_cache
+
+        cache_path = tuned_test_cache(run_dir, cfg, console=console)
+    cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
+    check_cache_fits(cache, cfg)
+    test = load_run_data(cache, cfg, "test", device, test_view=True)
+    head = build_head(cfg.model, cfg.loss, test.features.shape[-1]).to(device)
+    load_checkpoint(run_dir / "checkpoints" / checkpoint, heads=head)
+    file = cache.store_path.parent / "episodes" / episode_file_name("test", cfg.train.ways, cfg.train.shots, queries,
+                                                                    episodes, cfg.eval.seed)
+    index, digest = fixed_episodes(file, test.labels, test.video_ids, ways=cfg.train.ways, shots=cfg.train.shots,
+                                   queries=queries, episodes=episodes, seed=cfg.eval.seed)
+    with Progress(console=console, disable=not progress) as bar:
+        accuracy = evaluate_episodes(head, index, test, batch=cfg.eval.batch, progress=bar)
+    mean, ci = mean_ci(accuracy)
+    result = EvalResult(run_dir=str(run_dir), split="test", ways=cfg.train.ways, shots=cfg.train.shots,
+                        queries=queries, episodes=len(index), seed=cfg.eval.seed, accuracy=mean, ci95=ci,
+                        checkpoint=checkpoint, cache=str(cache.store_path.parent), episodes_file=str(file),
+                        episodes_sha256=digest, seconds=time.perf_counter() - started)
+    np.save(run_dir / accuracy_file_name(digest), accuracy.astype(np.float32))
+    (run_dir / RESULTS_NAME).write_text(json.dumps(asdict(result), indent=1))
+    return result
+
+
+def accuracy_file_name(episodes_sha256: str) -> str:
+    return f"episode_accuracy-{episodes_sha256[:12]}.npy"
+
+
+def read_result(run_dir: Path) -> tuple[dict, np.ndarray]:
+    path = Path(run_dir) / RESULTS_NAME
+    if not path.is_file():
+        raise ClipspmError(f"{run_dir} has no {RESULTS_NAME}; run `clipspm eval {run_dir}` first")
+    result = json.loads(path.read_text())
+    return result, np.load(Path(run_dir) / accuracy_file_name(result["episodes_sha256"]), allow_pickle=False)
+
+
+@dataclass
+class Comparison:
+    run_a: str
+    run_b: str
+    accuracy_a: float
+    accuracy_b: float
+    difference: float        # a - b, mean over the shared episodes
+    ci95: float              # half-width of the CI of the paired difference
+    episodes: int
+
+    @property
+    def significant(self) -> bool:
+        return abs(self.difference) > self.ci95
+
+
+def compare_runs(run_a: Path, run_b: Path) -> Comparison:
+    """Paired difference of two runs evaluated on the same stored episodes."""
+    result_a, acc_a = read_result(run_a)
+    result_b, acc_b = read_result(run_b)
+    if result_a["episodes_sha256"] != result_b["episodes_sha256"]:
+        raise ClipspmError(f"{run_a} and {run_b} were evaluated on different episodes "
+                           f"({result_a['episodes_file']} vs {result_b['episodes_file']}); evaluate both with the "
+                           f"same --episodes and --queries on the same cache")
+    difference, ci = mean_ci(acc_a.astype(np.float64) - acc_b.astype(np.float64))
+    return Comparison(str(run_a), str(run_b), float(acc_a.mean()), float(acc_b.mean()), difference, ci, acc_a.size)
