@@ -11,13 +11,16 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from clipspm.errors import ClipspmError
+
+if TYPE_CHECKING:
+    from clipspm.stages.report import ReportResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="CLIP-SPM few-shot action recognition: extract CLIP features once, train and evaluate "
@@ -95,7 +98,8 @@ def extract(
     with the reason and skipped; the exit status is then 1. Under `torchrun --nproc_per_node K -m clipspm extract`
     the videos are shared out across K processes that write one cache.
     """
-    from clipspm.stages.extract import ExtractOptions, extract as run_extract
+    from clipspm.stages.extract import ExtractOptions
+    from clipspm.stages.extract import extract as run_extract
 
     options = ExtractOptions(dataset=dataset, root=root, split_dir=split_dir, splits=_split_list(splits),
                              backbone=backbone, pretrained=pretrained, weights=_weights_file(weights), seed=seed,
@@ -324,6 +328,104 @@ def demo(
         table.add_row(row["model"], f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f} %", row["paired"],
                       row["run"])
     console.print(table)
+
+
+@app.command()
+def ablate(
+    suite: Annotated[str, typer.Option(
+        help="A shipped suite - components (Table 3), fusion (Table 4), consistency (Table 5), templates (Fig. 5), "
+             "baselines - or the path of your own suite YAML file (format: clipspm/configs/suites/*.yaml).")],
+    dataset: DatasetOpt = "synthetic",
+    root: RootOpt = None,
+    backbone: BackboneOpt = None,
+    pretrained: PretrainedOpt = None,
+    shots: Annotated[str, typer.Option(help="Comma-separated K values; every variant is trained and scored at "
+                                            "each.")] = "1,3,5",
+    episodes: Annotated[Optional[int], typer.Option(
+        help="Training episodes of every variant (train.episodes). Default: the dataset's schedule (20,000; "
+             "100,000 for SSv2).")] = None,
+    eval_episodes: Annotated[Optional[int], typer.Option(
+        help="Stored test episodes per K (eval.episodes, default 10,000); the same episodes for every "
+             "variant.")] = None,
+    eval_queries: Annotated[Optional[int], typer.Option(
+        help="Queries per class M in the test episodes (eval.queries, default 1).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Config override for every variant, applied before the variant's own, e.g. "
+                      "--set train.lr=1e-4 (repeatable).")] = None,
+    parallel: Annotated[str, typer.Option(
+        help="Runs at once: auto (one per device) or N. With more than one, a `python -m clipspm` worker process "
+             "per device, pinned to it (CUDA_VISIBLE_DEVICES), takes the next variant whenever it is free.")] = "auto",
+    devices: Annotated[Optional[str], typer.Option(
+        help="Comma-separated worker devices, e.g. cuda:0,cuda:1 or cpu,cpu. Default: every visible GPU, "
+             "else the CPU.")] = None,
+    cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
+    runs_dir: Annotated[Path, typer.Option(
+        help="Where the suite directory ablate-{dataset}-{backbone}-{suite} is made.")] = Path("runs"),
+    progress: Annotated[bool, typer.Option(help="Show progress bars (single worker).")] = True,
+) -> None:
+    """Run an ablation suite on one feature cache, then write its report (`clipspm report`).
+
+    The cache is resolved once: reused when one of these settings exists, extracted once when none does.
+    Every variant x K is its own run directory, trained from that cache and scored on the same stored test
+    episodes. Run the same command again after a kill: finished runs are skipped, half-trained ones resume.
+    """
+    from clipspm.stages.ablate import AblateOptions, run_ablation
+
+    options = AblateOptions(suite=suite, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
+                            shots=tuple(_int_list(shots, "--shots")), episodes=episodes,
+                            eval_episodes=eval_episodes, eval_queries=eval_queries, overrides=tuple(set_ or ()),
+                            parallel=parallel, devices=_split_list(devices) if devices else None,
+                            cache_dir=cache_dir, runs_dir=runs_dir, progress=progress)
+    result = run_ablation(options)
+    table = Table("variant", "K", "status", "test accuracy (95% CI)", "train s", "eval s",
+                  title=f"{result.suite_dir} ({len(result.devices)} worker(s))")
+    for outcome in result.outcomes:
+        table.add_row(outcome.variant, str(outcome.shots), outcome.status,
+                      f"{100 * outcome.accuracy:.2f} ± {100 * outcome.ci95:.2f} %", f"{outcome.train_seconds:.1f}",
+                      f"{outcome.eval_seconds:.1f}")
+    console.print(table)
+    console.print(f"{result.seconds:.0f} s in all ({result.cache_seconds:.1f} s resolving the cache, "
+                  f"{result.report_seconds:.1f} s for the report)")
+    _print_report(result.report)
+
+
+@app.command()
+def report(
+    suite_dir: Annotated[Path, typer.Argument(help="Suite directory made by `clipspm ablate`.")],
+    device: Annotated[Optional[str], typer.Option(
+        help="Where the embedding map's forward pass runs (cuda, cpu). Default: CUDA when available.")] = None,
+) -> None:
+    """Markdown + CSV tables in the paper's layout (mean ± 95% CI, paired difference to the full model, the
+    paper's numbers beside ours) and PNG figures: training curves, ablation bars, accuracy against R, t-SNE map."""
+    from clipspm.stages.report import write_report
+
+    _print_report(write_report(suite_dir, device=device))
+
+
+@app.command("ablate-worker", hidden=True)
+def ablate_worker(
+    suite_dir: Annotated[Path, typer.Argument()],
+    device: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """A `clipspm ablate --parallel` worker: runs the suite's jobs named on stdin, one JSON line each on stdout."""
+    from clipspm.stages.ablate import serve_jobs
+
+    serve_jobs(suite_dir, device, sys.stdin, sys.stdout)
+
+
+def _print_report(result: ReportResult) -> None:
+    console.print(f"report: {result.markdown}, {result.csv}")
+    for path in result.figures:
+        console.print(f"figure: {path}")
+    if result.missing:
+        console.print(f"[yellow]not scored yet:[/] {', '.join(result.missing)}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in _split_list(text)]
+    except ValueError:
+        raise ClipspmError(f"{option} takes comma-separated integers, e.g. 1,3,5; got {text!r}") from None
 
 
 def _split_list(text: str) -> tuple[str, ...]:

@@ -83,6 +83,26 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
                           text=True, timeout=timeout)
 
 
+def kill_after_first_checkpoint(args: list[str], run_dir: Path, *, cwd: Path | None = None,
+                                env: dict | None = None, timeout: float = 180) -> int:
+    """Run `clipspm ARGS` training into `run_dir`, SIGKILL it as soon as its first checkpoint is
+    written, and return the episode that checkpoint holds."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "clipspm", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not state.exists() and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return json.loads(state.read_text())["episode"]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

@@ -25,7 +25,8 @@ from clipspm.cache.inspect import describe, verify
 from clipspm.errors import WeightsUnavailableError
 from clipspm.pipeline.encoder import load_clip
 from clipspm.stages.extract import ExtractOptions, extract
-from clipspm.video.sampling import tsn_test_indices
+from clipspm.video.sampling import tsn_test_indices, video_rng
+from clipspm.video.views import ViewSettings, load_views
 from tests.conftest import TINY_MODEL, run_cli
 
 BROKEN = {"test_class_0/empty": "zero-length", "test_class_0/garbage": "cannot decode",
@@ -91,6 +92,18 @@ def test_cached_features_equal_encode_image_on_the_same_frames(extracted, video_
                 np.testing.assert_allclose(cache.features[row, view].astype(np.float32), expected,
                                            rtol=2e-3, atol=2e-3)
     assert checked_kinds == {".mp4", ".avi", "frames"}
+
+
+def test_train_views_alone_equal_those_loaded_with_the_test_view(video_root):
+    """The finetune stage decodes only its train view; it must be the view extraction would cut."""
+    path = source_path(video_root, "train_class_0/video0")
+    settings = ViewSettings(num_segments=8, train_views=2, shorter_side=128, crop=112, hflip=True)
+    both = load_views(path, settings, video_rng(3, "train_class_0/video0", 5))
+    alone = load_views(path, settings, video_rng(3, "train_class_0/video0", 5), test_view=False)
+    assert alone.frames.shape[0] == 2
+    torch.testing.assert_close(alone.frames, both.frames[1:], rtol=0, atol=0)
+    np.testing.assert_array_equal(alone.frame_indices, both.frame_indices[1:])
+    np.testing.assert_array_equal(alone.crop_offsets, both.crop_offsets[1:])
 
 
 def test_broken_videos_are_recorded_with_reason_and_skipped(extracted):
@@ -165,7 +178,7 @@ def test_verify_passes_on_a_sound_cache_and_names_damage(extracted, tmp_path):
 
 
 def test_offline_hub_tag_fails_fast_and_says_how_to_pass_a_file(monkeypatch):
-    import clipspm.pipeline.encoder as encoder
+    from clipspm.pipeline import encoder
 
     monkeypatch.setattr(encoder, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(encoder, "cached_weight_file", lambda cfg: None)
@@ -249,3 +262,28 @@ def test_torchrun_two_processes_make_one_cache_equal_to_one_process(video_root, 
         np.testing.assert_array_equal(two[name][:], one[name][:], err_msg=name)
     np.testing.assert_allclose(two["features"][:].astype(np.float32), one["features"][:].astype(np.float32),
                                rtol=1e-3, atol=1e-3)
+
+
+def test_cli_datasets_lists_split_sizes():
+    from typer.testing import CliRunner
+
+    from clipspm.cli import app
+
+    result = CliRunner().invoke(app, ["datasets"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "hmdb51" in result.output and "4280 / 31" in result.output and "synthetic" in result.output
+
+
+def test_cli_cache_info_and_verify(extracted):
+    from typer.testing import CliRunner
+
+    from clipspm.cli import app
+
+    runner = CliRunner()
+    info = runner.invoke(app, ["cache", "info", str(extracted.path)], terminal_width=200)
+    assert info.exit_code == 0, info.output
+    assert TINY_MODEL in info.output and "too short" in info.output
+    verified = runner.invoke(app, ["cache", "verify", str(extracted.path)])
+    assert verified.exit_code == 0 and "verified" in verified.output
+    missing = runner.invoke(app, ["cache", "info", str(extracted.path.parent / "nothing")])
+    assert missing.exit_code != 0

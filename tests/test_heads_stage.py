@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +16,7 @@ from clipspm.stages.checkpoint import load_checkpoint
 from clipspm.stages.episodes import EpisodeSampler, step_generator
 from clipspm.stages.evaluate import compare_runs, evaluate_run, mean_ci, read_result
 from clipspm.stages.heads import train_heads
-from clipspm.stages.runs import resolve_config
-from tests.conftest import heads_config, run_cli
+from tests.conftest import heads_config, kill_after_first_checkpoint, run_cli
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -77,16 +71,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(synthetic_cache, tmp_pat
     args = ["train", "--stage", "heads", "--cache", str(synthetic_cache), "--run-dir", str(killed), "--no-progress",
             "--set", "train.episodes=960", "--set", "train.val_every=160", "--set", "train.log_every=160",
             "--set", "train.val_episodes=100"]
-    process = subprocess.Popen([sys.executable, "-m", "clipspm", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    state = killed / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and not state.exists() and process.poll() is None:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    episode_at_kill = json.loads(state.read_text())["episode"]
-    assert episode_at_kill < 960, "the kill should land mid-run"
+    assert kill_after_first_checkpoint(args, killed) < 960, "the kill should land mid-run"
 
     train_heads(heads_config(synthetic_cache, *overrides), killed, resume=True, progress=False)
     a = load_file(str(clean / "checkpoints" / "last" / "heads.safetensors"))
@@ -94,7 +79,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(synthetic_cache, tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    strip = lambda records: [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in records]  # noqa: E731
+    strip = lambda records: [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in records]
     assert strip(metrics(clean)) == strip(metrics(killed))
 
 

@@ -6,7 +6,7 @@ from clipspm.cache.address import cache_path, settings_key
 from clipspm.cache.store import DONE, FAILED, PENDING, FeatureCache, SplitFeatures, find_store
 
 
-def open(path: str | Path) -> FeatureCache:  # noqa: A001 - `clipspm.cache.open` reads like `zarr.open`
+def open(path: str | Path) -> FeatureCache:
     """Open a cache directory (or the store inside it) for reading."""
     return FeatureCache(find_store(Path(path)))
 

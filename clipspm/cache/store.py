@@ -60,7 +60,7 @@ class CacheShape:
 
 
 def create_store(path: Path, shape: CacheShape, *, video_ids: list[str], labels: np.ndarray, split: list[str],
-                 class_keys: list[str], class_texts: list[str], class_splits: list[str], meta: dict) -> "StoreWriter":
+                 class_keys: list[str], class_texts: list[str], class_splits: list[str], meta: dict) -> StoreWriter:
     """A new Zarr store with the static arrays filled and every video pending."""
     root = zarr.open_group(str(path), mode="w")
     n, v, t, c, b = shape.num_videos, shape.views, shape.num_frames, shape.feature_dim, shape.block
@@ -177,7 +177,7 @@ class FeatureCache:
             except (FileNotFoundError, KeyError, ValueError) as error:
                 raise CacheError(f"{self.store_path} is not a clipspm cache: {error}") from None
 
-    def __enter__(self) -> "FeatureCache":
+    def __enter__(self) -> FeatureCache:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,7 +25,8 @@ class ProtoNetHead(nn.Module):
     def forward(self, episode: Episode) -> HeadOutput:
         protos = reduce(episode.support, "e (n k) t c -> e n c", "mean", k=episode.shots)   # [E, N, C]
         query = reduce(episode.query, "e q t c -> e q c", "mean")                           # [E, NM, C]
-        return HeadOutput(logits=-frame_distances(query, protos))                           # [E, NM, N]
+        logits = -frame_distances(query, protos)                                            # [E, NM, N]
+        return HeadOutput(logits=logits, query_features=episode.query)
 
 
 class CLIPFSARHead(nn.Module):
@@ -69,4 +70,4 @@ class CLIPFSARHead(nn.Module):
             labels = torch.cat([repeat(episode.class_ids, "e n -> e (n k)", k=k),
                                 torch.gather(episode.class_ids, 1, episode.query_labels)], 1)    # [E, V]
             aux["video_text"] = video_text_loss(videos, episode.base_text, labels, self.logit_scale)
-        return HeadOutput(logits=logits, aux=aux)
+        return HeadOutput(logits=logits, aux=aux, query_features=query)

@@ -46,17 +46,23 @@ class ClipModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., 3, H, W] -> float normalised with this model's mean/std, on the model's device."""
-        frames = frames.to(self.device, non_blocking=True).float().div_(255)
+    def normalize(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [..., 3, H, W] -> float normalised with this model's mean/std, on the model's device.
+
+        `out` (float32 of that shape, on the device) is filled instead of a new tensor: on the CPU, a new
+        tensor of a batch's size is fresh memory whose page faults cost as much as the arithmetic here.
+        """
+        frames = frames.to(self.device, non_blocking=True)
+        frames = frames.float() if out is None else out.copy_(frames)   # our own tensor: the rest is in place
         mean = torch.tensor(self.mean, device=frames.device).view(3, 1, 1)
         std = torch.tensor(self.std, device=frames.device).view(3, 1, 1)
-        return (frames - mean) / std
+        return frames.div_(255).sub_(mean).div_(std)
 
-    def encode_frames(self, frames: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        """uint8 frames [B, 3, S, S] -> projected image embeddings [B, C] (not L2-normalised)."""
+    def encode_frames(self, frames: torch.Tensor, precision: str = "fp32", out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """uint8 frames [B, 3, S, S] -> projected image embeddings [B, C] (not L2-normalised); `out`: see normalize."""
         with autocast(self.device, precision):
-            return self.model.encode_image(self.normalize(frames)).float()
+            return self.model.encode_image(self.normalize(frames, out)).float()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch: int = 256) -> torch.Tensor:

@@ -96,6 +96,8 @@ class Episode:
 class HeadOutput:
     logits: Tensor                                         # [E, N*M, N] = -distance
     aux: dict[str, Tensor] = field(default_factory=dict)   # unweighted auxiliary losses, mean over episodes
+    query_features: Tensor | None = None                   # [E, N*M, T, C] the queries as compared with the
+                                                           # prototypes (the embedding map of Fig. 6)
 
 
 @dataclass

@@ -68,8 +68,10 @@ class CLIPSPMHead(nn.Module):
             if out.consistency is not None:
                 aux["spm"] = out.consistency.mean()                                         # L_S (Eq. 15)
             d_spm = self._otam(query, _prototypes(support, shots))                          # Eq. 4
+        compared = query                                            # the queries as they meet the prototypes
         if self.padm is not None:
             out = self.padm(support, query, shots)
+            compared = out.query
             shared = self._otam(out.anchor, out.prototypes)         # [E, 1, N]: one value per class for all queries
             d_padm = self._otam(out.query, _prototypes(out.support, shots)) + shared        # Eq. 5
         if d_spm is not None and d_padm is not None:
@@ -78,7 +80,7 @@ class CLIPSPMHead(nn.Module):
             distance = d_spm if d_spm is not None else d_padm
         else:
             distance = self._otam(query, _prototypes(support, shots))
-        return HeadOutput(logits=-distance, aux=aux)
+        return HeadOutput(logits=-distance, aux=aux, query_features=compared)
 
     def _otam(self, query: Tensor, protos: Tensor) -> Tensor:
         return otam_distance(query, protos, self.otam_lambda, self.bidirectional)

@@ -79,14 +79,14 @@ def read_state(directory: Path) -> dict:
     return json.loads((found / STATE).read_text())
 
 
-def tuned_visual_weights(run_dir: Path) -> Path:
-    """The fine-tuned visual tower of a finetune run (its best checkpoint, else its last)."""
-    for name in ("best", "last"):
+def tuned_visual_weights(run_dir: Path, checkpoint: str | None = None) -> Path:
+    """The fine-tuned visual tower of a finetune run: of `checkpoint` if named, else best, else last."""
+    for name in (checkpoint,) if checkpoint else ("best", "last"):
         found = checkpoint_dir(Path(run_dir) / "checkpoints" / name)
         if found is not None and (found / VISUAL).is_file():
             return found / VISUAL
-    raise ClipspmError(f"{run_dir} holds no fine-tuned visual tower (expected checkpoints/best/{VISUAL}); "
-                       f"is it a `clipspm train --stage finetune` run?")
+    raise ClipspmError(f"{run_dir} holds no fine-tuned visual tower (expected checkpoints/{checkpoint or 'best'}/"
+                       f"{VISUAL}); is it a `clipspm train --stage finetune` run?")
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:

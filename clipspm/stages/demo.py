@@ -6,12 +6,11 @@ stored test episodes. Every step reuses what an earlier demo finished.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 
-from clipspm.stages.evaluate import RESULTS_NAME, compare_runs, evaluate_run
+from clipspm.stages.evaluate import compare_runs, evaluate_run, finished_result
 from clipspm.stages.heads import train_heads
 from clipspm.stages.runs import CONFIG_NAME, resolve_config
 
@@ -31,8 +30,8 @@ def run_demo(*, episodes: int | None, eval_episodes: int, shots: int, runs_dir: 
         run_dir = Path(runs_dir) / f"demo-synthetic-{shots}shot-{cfg.train.episodes}ep-{kind}"
         console.rule(f"{label}: {run_dir}")
         train_heads(cfg, run_dir, resume=(run_dir / CONFIG_NAME).exists(), progress=progress, console=console)
-        result = _existing_result(run_dir, eval_episodes) or evaluate_run(
-            run_dir, episodes=eval_episodes, progress=progress, console=console).__dict__
+        result = finished_result(run_dir, episodes=eval_episodes, queries=cfg.eval.queries, seed=cfg.eval.seed) \
+            or evaluate_run(run_dir, episodes=eval_episodes, progress=progress, console=console).__dict__
         rows.append({"model": label, "run": str(run_dir), "accuracy": result["accuracy"], "ci95": result["ci95"]})
     full = rows[0]["run"]
     rows[0]["paired"] = "-"
@@ -41,11 +40,3 @@ def run_demo(*, episodes: int | None, eval_episodes: int, shots: int, runs_dir: 
         row["paired"] = f"{100 * comparison.difference:+.2f} ± {100 * comparison.ci95:.2f}"
     return rows
 
-
-def _existing_result(run_dir: Path, episodes: int) -> dict | None:
-    """A finished evaluation of the same number of episodes, unless training went on since."""
-    path = run_dir / RESULTS_NAME
-    if not path.exists() or path.stat().st_mtime < (run_dir / "metrics.jsonl").stat().st_mtime:
-        return None
-    result = json.loads(path.read_text())
-    return result if result["episodes"] == episodes else None

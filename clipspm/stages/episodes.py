@@ -34,7 +34,7 @@ class EpisodeIndex:
     def __len__(self) -> int:
         return self.support.shape[0]
 
-    def slice(self, start: int, stop: int) -> "EpisodeIndex":
+    def slice(self, start: int, stop: int) -> EpisodeIndex:
         return EpisodeIndex(self.support[start:stop], self.query[start:stop], self.classes[start:stop],
                             self.shots, self.queries)
 

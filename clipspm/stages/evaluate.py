@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,12 @@ from rich.progress import Progress
 
 from clipspm.errors import ClipspmError
 from clipspm.stages.episodes import EpisodeIndex, build_episode, episode_file_name, fixed_episodes
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from clipspm.cache.store import FeatureCache
+    from clipspm.stages.runs import RunData
 
 RESULTS_NAME = "results.json"
 
@@ -67,31 +74,53 @@ class EvalResult:
     seconds: float
 
 
-def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | None = None,
-                 checkpoint: str = "best", cache_path: Path | None = None, device: str | None = None,
-                 progress: bool = True, console: Console | None = None) -> EvalResult:
-    """Score a run's checkpoint on the stored test episodes; write results.json and per-episode accuracies."""
+@dataclass
+class TestRun:
+    """A run's head, loaded from a checkpoint, beside the test split it is scored on."""
+
+    cfg: DictConfig
+    cache: FeatureCache
+    test: RunData
+    head: torch.nn.Module
+
+
+def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path | None = None,
+                  device: str | None = None, console: Console | None = None) -> TestRun:
+    """Load a run's checkpoint and its test split onto `device`: what scoring and the report's figures need.
+
+    A fine-tuned run is paired with a cache of the test split encoded by its tuned tower.
+    """
     from clipspm.cache.store import FeatureCache, find_store
     from clipspm.pipeline.model import build_head
     from clipspm.stages.checkpoint import load_checkpoint
     from clipspm.stages.runs import check_cache_fits, load_run_config, load_run_data
 
-    console = console or Console(stderr=True)
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    episodes = episodes or cfg.eval.episodes
-    queries = queries or cfg.eval.queries
     if cfg.get("finetune") is not None and cache_path is None:
         from clipspm.stages.finetune import tuned_test_cache
 
-        cache_path = tuned_test_cache(run_dir, cfg, console=console)
+        cache_path = tuned_test_cache(run_dir, cfg, console=console or Console(stderr=True), checkpoint=checkpoint,
+                                      device=str(device))
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
     check_cache_fits(cache, cfg)
     test = load_run_data(cache, cfg, "test", device, test_view=True)
     head = build_head(cfg.model, cfg.loss, test.features.shape[-1]).to(device)
-    load_checkpoint(run_dir / "checkpoints" / checkpoint, heads=head)
+    load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint, heads=head)
+    return TestRun(cfg, cache, test, head)
+
+
+def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | None = None,
+                 checkpoint: str = "best", cache_path: Path | None = None, device: str | None = None,
+                 progress: bool = True, console: Console | None = None) -> EvalResult:
+    """Score a run's checkpoint on the stored test episodes; write results.json and per-episode accuracies."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    loaded = open_test_run(run_dir, checkpoint=checkpoint, cache_path=cache_path, device=device, console=console)
+    cfg, cache, test, head = loaded.cfg, loaded.cache, loaded.test, loaded.head
+    episodes = episodes or cfg.eval.episodes
+    queries = queries or cfg.eval.queries
     file = cache.store_path.parent / "episodes" / episode_file_name("test", cfg.train.ways, cfg.train.shots, queries,
                                                                     episodes, cfg.eval.seed)
     index, digest = fixed_episodes(file, test.labels, test.video_ids, ways=cfg.train.ways, shots=cfg.train.shots,
@@ -110,6 +139,16 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
 
 def accuracy_file_name(episodes_sha256: str) -> str:
     return f"episode_accuracy-{episodes_sha256[:12]}.npy"
+
+
+def finished_result(run_dir: Path, *, episodes: int, queries: int, seed: int) -> dict | None:
+    """The run's results.json if it scored these test episodes after its training last wrote; else None."""
+    path, metrics = Path(run_dir) / RESULTS_NAME, Path(run_dir) / "metrics.jsonl"
+    if not path.is_file() or (metrics.exists() and path.stat().st_mtime < metrics.stat().st_mtime):
+        return None
+    result = json.loads(path.read_text())
+    same = (result["episodes"], result["queries"], result["seed"]) == (episodes, queries, seed)
+    return result if same and result["checkpoint"] == "best" else None
 
 
 def read_result(run_dir: Path) -> tuple[dict, np.ndarray]:

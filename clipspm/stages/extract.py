@@ -10,8 +10,10 @@ shared out across ranks, which all write into the one store.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,8 +27,17 @@ from torch.utils.data import DataLoader
 
 import clipspm
 from clipspm.cache.address import cache_path
-from clipspm.cache.store import (DONE, FAILED, STAGING_NAME, STORE_NAMES, CacheShape, FeatureCache, StoreWriter,
-                                 convert_to_hdf5, create_store)
+from clipspm.cache.store import (
+    DONE,
+    FAILED,
+    STAGING_NAME,
+    STORE_NAMES,
+    CacheShape,
+    FeatureCache,
+    StoreWriter,
+    convert_to_hdf5,
+    create_store,
+)
 from clipspm.config import load_config, prompt_templates
 from clipspm.datasets import Dataset, load_dataset
 from clipspm.errors import CacheError, ClipspmError
@@ -72,7 +83,8 @@ class ExtractResult:
     done: int
     failed: int
     encoded_now: int
-    seconds: float
+    seconds: float             # the whole call: model and prompts, store, videos
+    encode_seconds: float      # of which decoding, encoding and writing the videos (what grows with the dataset)
     failures: list[tuple[str, str]] = field(default_factory=list)   # (video id, reason)
 
     @property
@@ -93,9 +105,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     dataset = _load_dataset_once(options, dist)
     clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,
                      dist.device, seed=options.seed, weights=options.weights)
-    views = ViewSettings(num_segments=options.num_frames, train_views=options.train_views,
-                         shorter_side=round(clip.image_size * DEFAULTS.resize_ratio), crop=clip.image_size,
-                         hflip=dataset.hflip)
+    views = view_settings(options, dataset, clip)
     settings = content_settings(options, dataset, clip, views)
     path = cache_path(options.cache_root, settings)
     final = path / STORE_NAMES[options.format]
@@ -106,7 +116,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
                 _check_same_settings(cache.meta, settings, final)
                 console.print(f"[green]reusing cache[/] {path} (same settings; nothing to extract)")
                 return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=True,
-                               resumed=False, encoded_now=0, seconds=time.perf_counter() - started)
+                               resumed=False, encoded_now=0, seconds=time.perf_counter() - started,
+                               encode_seconds=0.0)
     working = final if options.format == "zarr" else path / STAGING_NAME
     resumed = working.exists()
     if dist.is_main and not resumed:
@@ -121,7 +132,10 @@ def extract(options: ExtractOptions) -> ExtractResult:
     if resumed:
         console.print(f"resuming {path}: {len(pending)} of {-(-len(dataset.videos) // options.block)} blocks left")
     mine = pending[dist.rank::dist.world_size]
-    encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
+    encode_started = time.perf_counter()
+    with _encoder_threads(clip.device, options.workers):
+        encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
+    encode_seconds = time.perf_counter() - encode_started
 
     dist.barrier()
     status = writer.status()
@@ -135,7 +149,38 @@ def extract(options: ExtractOptions) -> ExtractResult:
     dist.barrier()
     with FeatureCache(final) as cache:
         return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=False, resumed=resumed,
-                       encoded_now=encoded, seconds=time.perf_counter() - started)
+                       encoded_now=encoded, seconds=time.perf_counter() - started, encode_seconds=encode_seconds)
+
+
+def view_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel) -> ViewSettings:
+    """How the views of every video are cut: T, V, the encoder's crop and the resize before it."""
+    return ViewSettings(num_segments=options.num_frames, train_views=options.train_views,
+                        shorter_side=round(clip.image_size * DEFAULTS.resize_ratio), crop=clip.image_size,
+                        hflip=dataset.hflip)
+
+
+def video_loader(dataset: Dataset, rows: list[int], views: ViewSettings, options: ExtractOptions) -> DataLoader:
+    """Workers that decode, sample and crop the videos `rows`: lists of VideoItem, `batch_frames` frames each."""
+    videos = [(row, dataset.videos[row].key, dataset.videos[row].path, dataset.videos[row].problem) for row in rows]
+    videos_per_batch = max(1, options.batch_frames // (views.views * views.num_segments))
+    return DataLoader(VideoViewsDataset(videos, views, options.seed), batch_size=videos_per_batch,
+                      num_workers=options.workers, collate_fn=collate_items,
+                      prefetch_factor=4 if options.workers > 0 else None)
+
+
+@contextmanager
+def _encoder_threads(device: torch.device, workers: int):
+    """On the CPU the decoding workers and the encoder share the cores. The encoder gets the cores
+    the workers leave (at least one): more threads than cores make the idle ones spin and slow
+    the decoding down by more than they speed up the encoder. The caller's setting comes back after."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(before, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel, views: ViewSettings) -> dict:
@@ -267,15 +312,13 @@ def _encode_blocks(writer: StoreWriter, blocks: list[int], dataset: Dataset, cli
                    options: ExtractOptions, console: Console, dist: distributed.Distributed) -> int:
     """Decode in workers, encode batches of frames, write each block once all its videos are in."""
     shape = CacheShape(len(dataset.videos), views.views, views.num_segments, clip.feature_dim, 0, 0, options.block)
-    items = [(row, dataset.videos[row].key, dataset.videos[row].path, dataset.videos[row].problem)
-             for block in blocks for row in range(*shape.block_rows(block).indices(shape.num_videos))]
-    if not items:
+    rows = [row for block in blocks for row in range(*shape.block_rows(block).indices(shape.num_videos))]
+    if not rows:
         return 0
-    videos_per_batch = max(1, options.batch_frames // (views.views * views.num_segments))
-    loader = DataLoader(VideoViewsDataset(items, views, options.seed), batch_size=videos_per_batch,
-                        num_workers=options.workers, collate_fn=collate_items,
-                        prefetch_factor=4 if options.workers > 0 else None)
+    loader = video_loader(dataset, rows, views, options)
     precision = resolve_precision(options.precision, clip.device)
+    # On the CPU every forward reuses one input tensor (see ClipModel.normalize); CUDA's allocator reuses its own.
+    inputs = torch.empty(options.batch_frames, 3, views.crop, views.crop) if clip.device.type == "cpu" else None
     buffers: dict[int, _BlockBuffer] = {}
     failed = 0
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
@@ -283,10 +326,10 @@ def _encode_blocks(writer: StoreWriter, blocks: list[int], dataset: Dataset, cli
                TimeRemainingColumn()]
     started = time.perf_counter()
     with Progress(*columns, console=console, disable=not options.progress) as progress:
-        task = progress.add_task("extract", total=len(items), rate=0.0, failed=0)
+        task = progress.add_task("extract", total=len(rows), rate=0.0, failed=0)
         for batch in loader:
             good = [item for item in batch if item.views is not None]
-            features = iter(_encode(clip, good, precision, options.batch_frames) if good else [])
+            features = iter(_encode(clip, good, precision, options.batch_frames, inputs) if good else [])
             for item in batch:
                 block = item.row // options.block
                 if block not in buffers:
@@ -298,23 +341,27 @@ def _encode_blocks(writer: StoreWriter, blocks: list[int], dataset: Dataset, cli
                     buffers.pop(block).write(writer)
             progress.update(task, advance=len(batch), failed=failed,
                             rate=progress.tasks[0].completed / max(time.perf_counter() - started, 1e-9))
-    return len(items)
+    return len(rows)
 
 
-def _encode(clip: ClipModel, items: list[VideoItem], precision: str, batch_frames: int) -> np.ndarray:
-    """[videos, views, T, C] float16 features of the items' crops, `batch_frames` frames per forward."""
+def _encode(clip: ClipModel, items: list[VideoItem], precision: str, batch_frames: int,
+            inputs: torch.Tensor | None) -> np.ndarray:
+    """[videos, views, T, C] float16 features of the items' crops, `batch_frames` frames per forward
+    (normalised into `inputs` [batch_frames, 3, S, S] when given)."""
     frames = torch.cat([item.views.frames.flatten(0, 1) for item in items])     # [(n views T), 3, S, S]
     if clip.device.type == "cuda":
         frames = frames.pin_memory()
-    out = torch.cat([clip.encode_frames(frames[i:i + batch_frames], precision)
-                     for i in range(0, len(frames), batch_frames)])
+    out = torch.cat([clip.encode_frames(chunk, precision, None if inputs is None else inputs[:len(chunk)])
+                     for chunk in frames.split(batch_frames)])
     per_video = items[0].views.frames.shape[:2]
     return out.reshape(len(items), *per_video, -1).to(torch.float16).cpu().numpy()
 
 
 def _result(path: Path, store: Path, status: np.ndarray, video_ids: np.ndarray, errors: np.ndarray, *,
-            reused: bool, resumed: bool, encoded_now: int, seconds: float) -> ExtractResult:
+            reused: bool, resumed: bool, encoded_now: int, seconds: float,
+            encode_seconds: float) -> ExtractResult:
     failed_rows = np.flatnonzero(status == FAILED)
     return ExtractResult(path=path, store=store, reused=reused, resumed=resumed, total=int(status.size),
                          done=int((status == DONE).sum()), failed=int(failed_rows.size), encoded_now=encoded_now,
-                         seconds=seconds, failures=[(str(video_ids[i]), str(errors[i])) for i in failed_rows])
+                         seconds=seconds, encode_seconds=encode_seconds,
+                         failures=[(str(video_ids[i]), str(errors[i])) for i in failed_rows])

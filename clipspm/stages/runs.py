@@ -6,18 +6,23 @@ from), `metrics.jsonl`, `checkpoints/{last,best}/`, and after evaluation `result
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from clipspm.cache.store import FeatureCache, find_store
 from clipspm.config import load_config, merge_config
 from clipspm.errors import CacheError, ClipspmError
-from clipspm.stages.episodes import EpisodeIndex
+from clipspm.stages.checkpoint import save_checkpoint
+from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episodes
 
 CONFIG_NAME = "config.yaml"
 
@@ -48,17 +53,28 @@ def _dataset_in(config_file, overrides) -> str | None:
 
 def default_run_dir(cfg: DictConfig, stage: str, runs_root: Path = Path("runs")) -> Path:
     """runs/{dataset}-{backbone}-{K}shot, with `-ft` for the finetune stage."""
-    backbone = cfg.data.backbone or _dataset_default(cfg.data.dataset)
-    name = f"{cfg.data.dataset}-{backbone}-{cfg.train.shots}shot" + ("-ft" if stage == "finetune" else "")
+    name = f"{cfg.data.dataset}-{backbone_of(cfg)}-{cfg.train.shots}shot" + ("-ft" if stage == "finetune" else "")
     return runs_root / name
 
 
-def _dataset_default(dataset: str) -> str:
+def backbone_of(cfg: DictConfig) -> str:
+    """The open_clip model a run uses: `data.backbone`, else its dataset's default."""
     from clipspm.datasets.registry import SPECS
 
-    if dataset not in SPECS:
-        raise ClipspmError(f"unknown dataset {dataset!r}; see `clipspm datasets`")
-    return SPECS[dataset].default_backbone
+    if cfg.data.backbone:
+        return cfg.data.backbone
+    if cfg.data.dataset not in SPECS:
+        raise ClipspmError(f"unknown dataset {cfg.data.dataset!r}; see `clipspm datasets`")
+    return SPECS[cfg.data.dataset].default_backbone
+
+
+def model_width(name: str) -> int | None:
+    """C, the feature width of open_clip model `name` (None for a name open_clip does not know)."""
+    from clipspm.pipeline.encoder import register_model_configs
+
+    register_model_configs()
+    config = open_clip.get_model_config(name)
+    return None if config is None else int(config["embed_dim"])
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
@@ -80,6 +96,79 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig, *, resume: bool) -> None:
 
 def metrics_path(run_dir: Path) -> Path:
     return Path(run_dir) / "metrics.jsonl"
+
+
+def log_metrics(run_dir: Path, record: dict) -> None:
+    with open(metrics_path(run_dir), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, episode: int) -> None:
+    """Drop records written after the checkpoint being resumed: they will be written again."""
+    path = metrics_path(run_dir)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["episode"] <= episode]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    episodes: int
+    best_val: float
+    best_episode: int
+    seconds: float
+    trained: bool        # False for parameter-free heads (ProtoNet, plain OTAM): nothing to learn
+
+
+def training_progress(stage: str, console: Console, enabled: bool) -> Progress:
+    """The training bar of both stages; its task carries the fields loss, acc, val and rate (episodes/s)."""
+    columns = [TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
+               TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%} val {task.fields[val]:.1%}"),
+               TextColumn("{task.fields[rate]:.1f} ep/s"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=not enabled)
+
+
+class MetricsWindow:
+    """The optimiser steps since the last metrics.jsonl record: their mean metrics and episodes/s."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.steps.append(metrics)
+
+    def write(self, run_dir: Path, episode: int, episodes_per_step: int) -> dict[str, float]:
+        """Append the window's means to metrics.jsonl, start a new window, return what was written."""
+        now = time.perf_counter()
+        rate = len(self.steps) * episodes_per_step / max(now - self.started, 1e-9)
+        record = {key: float(np.mean([m[key] for m in self.steps])) for key in self.steps[0]}
+        record["episodes_per_s"] = rate
+        log_metrics(run_dir, {"episode": episode, **record})
+        self.steps, self.started = [], now
+        return record
+
+    def restart_clock(self) -> None:
+        """Validation time is not training throughput."""
+        self.started = time.perf_counter()
+
+
+def save_validation(run_dir: Path, score: float, *, step: int, episode: int, best: tuple[float, int],
+                    heads: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    visual: torch.nn.Module | None = None) -> tuple[float, int]:
+    """Log a val accuracy, checkpoint `best` if it is the best so far and `last` always; return the
+    (best accuracy, its episode)."""
+    log_metrics(run_dir, {"episode": episode, "val_acc": score})
+    improved = score > best[0]
+    if improved:
+        best = (score, episode)
+    state = {"step": step, "episode": episode, "trained": True, "best_val": best[0], "best_episode": best[1]}
+    if improved:
+        save_checkpoint(Path(run_dir) / "checkpoints" / "best", heads=heads, visual=visual, state=state)
+    save_checkpoint(Path(run_dir) / "checkpoints" / "last", heads=heads, optimizer=optimizer, visual=visual,
+                    state=state)
+    return best
 
 
 def open_run_cache(cfg: DictConfig, run_dir: Path, *, resume: bool, console: Console) -> FeatureCache:
@@ -119,14 +208,9 @@ def check_cache_fits(cache: FeatureCache, cfg: DictConfig) -> None:
         problems.append(f"it holds dataset {meta['settings']['dataset']!r}, the run asks for {data.dataset!r}")
     if data.backbone and meta["model"] != data.backbone:
         problems.append(f"it holds {meta['model']} features, the run asks for backbone {data.backbone}")
-    if data.backbone:
-        from clipspm.pipeline.encoder import register_model_configs
-
-        register_model_configs()
-        config = open_clip.get_model_config(data.backbone)
-        if config is not None and config["embed_dim"] != meta["feature_dim"]:
-            problems.append(f"its features are {meta['feature_dim']} wide, {data.backbone} gives "
-                            f"{config['embed_dim']}")
+    width = model_width(data.backbone) if data.backbone else None
+    if width is not None and width != meta["feature_dim"]:
+        problems.append(f"its features are {meta['feature_dim']} wide, {data.backbone} gives {width}")
     if data.num_frames is not None and meta["num_frames"] != data.num_frames:
         problems.append(f"it samples T={meta['num_frames']} frames, the run asks for T={data.num_frames}")
     if problems:
@@ -159,10 +243,25 @@ def load_run_data(cache: FeatureCache, cfg: DictConfig, split: str, device: torc
     loaded = cache.load_split(split, views)
     if loaded.rows.size == 0:
         raise CacheError(f"cache {cache.store_path.parent} has no usable {split} videos")
+    return RunData(torch.from_numpy(loaded.features).to(device), torch.from_numpy(loaded.labels).to(device),
+                   class_prompts(cache, cfg, device), loaded.video_ids,
+                   0 if test_view else loaded.features.shape[1] - 1)
+
+
+def class_prompts(cache: FeatureCache, cfg: DictConfig, device: torch.device) -> torch.Tensor:
+    """[classes, C] prompt feature of every class: the mean of its first R template embeddings (Eq. 2)."""
     templates = cfg.model.num_templates
     text = cache.text_features
     if not 1 <= templates <= text.shape[1]:
         raise ClipspmError(f"model.num_templates={templates}, but the cache holds {text.shape[1]} templates")
-    class_text = torch.from_numpy(text[:, :templates].mean(axis=1)).float().to(device)
-    return RunData(torch.from_numpy(loaded.features).to(device), torch.from_numpy(loaded.labels).to(device),
-                   class_text, loaded.video_ids, 0 if test_view else loaded.features.shape[1] - 1)
+    return torch.from_numpy(text[:, :templates].mean(axis=1)).float().to(device)
+
+
+def val_episodes(cache: FeatureCache, cfg: DictConfig, labels: torch.Tensor, video_ids: list[str]) -> EpisodeIndex:
+    """The fixed val episodes of a run's settings, stored beside its cache and shared by both stages."""
+    t = cfg.train
+    path = cache.store_path.parent / "episodes" / episode_file_name("val", t.ways, t.shots, t.val_queries,
+                                                                    t.val_episodes, t.seed)
+    index, _ = fixed_episodes(path, labels, video_ids, ways=t.ways, shots=t.shots, queries=t.val_queries,
+                              episodes=t.val_episodes, seed=t.seed)
+    return index

@@ -30,7 +30,7 @@ class ViewSettings:
 
 @dataclass
 class VideoViews:
-    frames: torch.Tensor         # [views, T, 3, crop, crop] uint8
+    frames: torch.Tensor         # [views, T, 3, crop, crop] uint8 (views: those loaded)
     frame_indices: np.ndarray    # [views, T]
     crop_offsets: np.ndarray     # [views, 2] (top, left)
     flipped: np.ndarray          # [views] bool
@@ -38,19 +38,26 @@ class VideoViews:
     backend: str                 # which decoder read it
 
 
-def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator) -> VideoViews:
-    """Decode the sampled frames of one video once and cut every view from them."""
+def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator, *, test_view: bool = True) -> VideoViews:
+    """Decode the sampled frames of one video once and cut every view from them.
+
+    `test_view=False` leaves view 0 out (and does not decode its frames): the train views are the same
+    as with it, since the test view draws nothing from `rng`.
+    """
     source = open_video(path)
     if source.num_frames < settings.num_segments:
         raise VideoReadError(f"too short: {source.num_frames} frames, T={settings.num_segments} needs at least "
                              f"{settings.num_segments}")
     indices = sample_frame_indices(source.num_frames, rng, num_segments=settings.num_segments,
                                    train_views=settings.train_views)
+    kept = slice(0 if test_view else 1, None)
+    indices = indices[kept]
     unique, positions = np.unique(indices, return_inverse=True)
     decoded = read_frames(source, unique)                                   # [U, H, W, 3]
     offsets, flipped, resized_hw = sample_crops(decoded.shape[1:3], rng, views=settings.views,
                                                 shorter_side=settings.shorter_side, crop=settings.crop,
                                                 hflip=settings.hflip)
+    offsets, flipped = offsets[kept], flipped[kept]
     frames = torch.from_numpy(decoded).permute(0, 3, 1, 2)                  # [U, 3, H, W]
     if tuple(frames.shape[-2:]) != resized_hw:
         frames = tvf.resize(frames, list(resized_hw), interpolation=InterpolationMode.BICUBIC, antialias=True)

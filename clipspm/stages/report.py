@@ -1,0 +1,273 @@
+"""`clipspm report SUITE_DIR`: an ablation suite as the paper shows it, with ours beside the paper's numbers.
+
+Writes `report.md` and `report.csv` (variants x K, mean ± 95% CI, each variant's paired difference
+to the reference variant over the same stored episodes, the paper's number where it has one) and
+`figures/`: training curves, ablation bars, accuracy against a value column (Fig. 5) and a 2-D
+t-SNE map of test-video embeddings (Fig. 6). Runs not scored yet are listed, not guessed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from sklearn.manifold import TSNE
+
+from clipspm.config import CONFIG_DIR
+from clipspm.stages import figures
+from clipspm.stages.episodes import EpisodeIndex, build_episode
+from clipspm.stages.evaluate import compare_runs, finished_result, open_test_run
+from clipspm.stages.runs import metrics_path
+from clipspm.stages.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of
+
+PAPER_RESULTS = CONFIG_DIR / "paper_results.yaml"
+EMBEDDING_CLASSES, EMBEDDING_VIDEOS = 5, 40      # Fig. 6: five classes, 40 test videos each
+
+
+@dataclass
+class Cell:
+    """One (variant, K) entry, in percent; None where there is nothing (yet)."""
+
+    accuracy: float | None = None
+    ci95: float | None = None
+    difference: float | None = None        # variant - reference, paired over the same episodes
+    difference_ci95: float | None = None
+    paper: float | None = None
+
+
+@dataclass
+class ReportResult:
+    markdown: Path
+    csv: Path
+    figures: list[Path]
+    missing: list[str]                     # run directories without a result for the suite's eval settings
+
+
+def write_report(suite_dir: Path, *, device: str | None = None, console: Console | None = None) -> ReportResult:
+    """Tables and figures of a suite directory, from what its runs have written so far."""
+    console = console or Console(stderr=True)
+    suite_dir = Path(suite_dir)
+    suite, settings = read_suite_dir(suite_dir)
+    cells, missing = collect_cells(suite_dir, suite, settings)
+    figure_dir = suite_dir / "figures"
+    figure_dir.mkdir(exist_ok=True)
+    made = [_training_curves(suite_dir, suite, settings, figure_dir / "training_curves.png"),
+            _bars(suite, settings, cells, figure_dir / "ablation_bars.png")]
+    if suite.curve is not None:
+        made.append(_curve(suite, settings, cells, figure_dir / f"accuracy_vs_{suite.curve}.png"))
+    reference = run_dir_of(suite_dir, suite.variant(suite.reference), settings.shots[0])
+    if cells[suite.reference, settings.shots[0]].accuracy is not None:   # Fig. 6: the full model at the smallest K
+        points = embedding_points(reference, device=device)
+        if points is not None:
+            made.append(_embedding(points, suite, figure_dir / "embedding_tsne.png"))
+    markdown, table = suite_dir / "report.md", suite_dir / "report.csv"
+    markdown.write_text(render_markdown(suite, settings, cells, missing, [p.relative_to(suite_dir) for p in made]))
+    _write_csv(table, suite, settings, cells)
+    if missing:
+        console.print(f"[yellow]{len(missing)} runs not scored yet[/] (rerun `clipspm ablate` to finish them): "
+                      + ", ".join(missing))
+    return ReportResult(markdown, table, made, missing)
+
+
+def paper_numbers(suite: Suite, settings: SuiteSettings) -> dict[str, dict[int, float]]:
+    """The paper's accuracy per variant and K for this dataset and backbone; the reference variant falls back
+    to the full model's Table 1/2 row where the suite's own table lacks a K."""
+    if suite.paper is None:
+        return {}
+    data = yaml.safe_load(PAPER_RESULTS.read_text())
+    table = data["suites"].get(suite.paper, {}).get(settings.backbone, {}).get(settings.dataset, {})
+    numbers = {name: dict(values) for name, values in table.items()}
+    full = data["full_model"].get(settings.backbone, {}).get(settings.dataset, {})
+    if full:
+        numbers[suite.reference] = {**full, **numbers.get(suite.reference, {})}
+    return numbers
+
+
+def collect_cells(suite_dir: Path, suite: Suite, settings: SuiteSettings) -> tuple[dict, list[str]]:
+    """{(variant name, K): Cell} from the runs' results, and the runs still missing."""
+    paper = paper_numbers(suite, settings)
+    cells, missing = {}, []
+    for k in settings.shots:
+        reference = run_dir_of(suite_dir, suite.variant(suite.reference), k)
+        reference_done = _scored(reference, settings)
+        for variant in suite.variants:
+            run = run_dir_of(suite_dir, variant, k)
+            cell = Cell(paper=paper.get(variant.name, {}).get(k))
+            cells[variant.name, k] = cell
+            result = _scored(run, settings)
+            if result is None:
+                missing.append(run.name)
+                continue
+            cell.accuracy, cell.ci95 = 100 * result["accuracy"], 100 * result["ci95"]
+            if variant.name != suite.reference and reference_done:
+                paired = compare_runs(run, reference)
+                cell.difference, cell.difference_ci95 = 100 * paired.difference, 100 * paired.ci95
+    return cells, missing
+
+
+def _scored(run_dir: Path, settings: SuiteSettings) -> dict | None:
+    return finished_result(run_dir, episodes=settings.eval_episodes, queries=settings.eval_queries,
+                           seed=settings.eval_seed)
+
+
+def render_markdown(suite: Suite, settings: SuiteSettings, cells: dict, missing: list[str],
+                    figure_paths: list[Path]) -> str:
+    """report.md: the accuracy table (the paper's numbers in `paper` columns), the paired table, the figures."""
+    with_paper = [k for k in settings.shots if any(cells[v.name, k].paper is not None for v in suite.variants)]
+    accuracy_header, difference_header = ["variant", *suite.columns], ["variant", *suite.columns]
+    for k in settings.shots:
+        accuracy_header += [f"{k}-shot"] + (["paper"] if k in with_paper else [])
+        difference_header.append(f"{k}-shot")
+    accuracy_rows, difference_rows = [], []
+    for variant in suite.variants:
+        accuracy_rows.append(_row_start(suite, variant))
+        difference_rows.append(_row_start(suite, variant))
+        for k in settings.shots:
+            cell = cells[variant.name, k]
+            accuracy_rows[-1].append(_pm(cell.accuracy, cell.ci95))
+            if k in with_paper:
+                accuracy_rows[-1].append("–" if cell.paper is None else f"{cell.paper:.1f}")
+            difference_rows[-1].append("reference" if variant.name == suite.reference else _paired_text(cell))
+    protocol = (f"5-way K-shot top-1 accuracy (%), mean ± 95% CI over {settings.eval_episodes} stored test episodes "
+                f"per K ({settings.eval_queries} query per class, seed {settings.eval_seed}); every run trained and "
+                f"scored on the cache `{settings.cache}`.")
+    lines = [f"# {suite.title}: {settings.dataset}, {settings.backbone}", "", protocol]
+    if with_paper:
+        lines.append("`paper`: the paper's number for this dataset and backbone (clipspm/configs/paper_results.yaml).")
+    pairing = ("Variant − reference on the same episodes, in points, ± 95% CI of the paired difference; "
+               "* where the interval excludes 0.")
+    lines += ["", *_table(accuracy_header, accuracy_rows), "",
+              f"## Paired difference to {suite.variant(suite.reference).label}", "", pairing, "",
+              *_table(difference_header, difference_rows)]
+    if figure_paths:
+        lines += ["", "## Figures", ""] + [f"![{path.stem}]({path.as_posix()})" for path in figure_paths]
+    if missing:
+        lines += ["", f"Not scored yet (rerun `clipspm ablate` to finish): {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _paired_text(cell: Cell) -> str:
+    significant = cell.difference is not None and abs(cell.difference) > cell.difference_ci95
+    return _pm(cell.difference, cell.difference_ci95, signed=True) + (" *" if significant else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _row_start(suite: Suite, variant: Variant) -> list[str]:
+    """The row's name and its on/off columns (✓ / ✗) or values, as in the paper's tables."""
+    values = [variant.columns[column] for column in suite.columns]
+    return [variant.label, *(("✓" if v else "✗") if isinstance(v, bool) else str(v) for v in values)]
+
+
+def _pm(value: float | None, ci: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.2f} ± {ci:.2f}" if signed else f"{value:.2f} ± {ci:.2f}"
+
+
+def _write_csv(path: Path, suite: Suite, settings: SuiteSettings, cells: dict) -> None:
+    """The same table, one row per variant, a number per field (percent; empty where there is none)."""
+    fields = ("accuracy", "ci95", "difference", "difference_ci95", "paper")
+    header = ["variant", "label", *suite.columns, *(f"{k}shot_{name}" for k in settings.shots for name in fields)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for variant in suite.variants:
+            values = [getattr(cells[variant.name, k], name) for k in settings.shots for name in fields]
+            writer.writerow([variant.name, variant.label, *(variant.columns[c] for c in suite.columns),
+                             *("" if value is None else repr(value) for value in values)])
+
+
+def _grid(suite: Suite, settings: SuiteSettings, cells: dict, field: str) -> np.ndarray:
+    """[variants, K] of one Cell field, NaN where missing."""
+    return np.array([[np.nan if getattr(cells[v.name, k], field) is None else getattr(cells[v.name, k], field)
+                      for k in settings.shots] for v in suite.variants], dtype=np.float64)
+
+
+def _bars(suite: Suite, settings: SuiteSettings, cells: dict, path: Path) -> Path:
+    figures.ablation_bars([v.label for v in suite.variants], settings.shots, _grid(suite, settings, cells, "accuracy"),
+                          _grid(suite, settings, cells, "ci95"), _grid(suite, settings, cells, "paper"),
+                          f"{suite.title}: {settings.dataset}, {settings.backbone}", path)
+    return path
+
+
+def _curve(suite: Suite, settings: SuiteSettings, cells: dict, path: Path) -> Path:
+    figures.accuracy_curve(suite.curve, [v.columns[suite.curve] for v in suite.variants], settings.shots,
+                           _grid(suite, settings, cells, "accuracy"), _grid(suite, settings, cells, "ci95"),
+                           _grid(suite, settings, cells, "paper"), f"{suite.title}: {settings.dataset}", path)
+    return path
+
+
+def _training_curves(suite_dir: Path, suite: Suite, settings: SuiteSettings, path: Path) -> Path:
+    records = {}
+    for k in settings.shots:
+        for variant in suite.variants:
+            log = metrics_path(run_dir_of(suite_dir, variant, k))
+            if log.exists():
+                records[k, variant.label] = [json.loads(line) for line in log.read_text().splitlines() if line]
+    figures.training_curves(records, settings.shots, [v.label for v in suite.variants], path)
+    return path
+
+
+@dataclass
+class EmbeddingPoints:
+    classes: list[str]             # class of each video
+    raw: np.ndarray                # [V, C] cached CLIP features of the test view, mean over frames
+    model: np.ndarray | None       # [V, C] the head's query features, mean over frames (None: the head has none)
+
+
+@torch.no_grad()
+def embedding_points(run_dir: Path, *, classes: int = EMBEDDING_CLASSES, per_class: int = EMBEDDING_VIDEOS,
+                     device: str | None = None) -> EmbeddingPoints | None:
+    """Test videos of the first `classes` test classes, each scored once as a query of a test-like episode.
+
+    Round r is one N-way K-shot episode with one query per class: video r of each class is the query and
+    the next K videos of that class are its supports, so every video is seen by the head exactly as in
+    evaluation (PADM is transductive: a query's features depend on its episode). None when fewer than two
+    test classes have more than K videos.
+    """
+    loaded = open_test_run(run_dir, device=device)
+    test, shots = loaded.test, loaded.cfg.train.shots
+    members = [torch.nonzero(test.labels == label).flatten()[:per_class] for label in test.labels.unique()]
+    members = [videos for videos in members if videos.numel() > shots][:classes]
+    if len(members) < 2:
+        return None
+    rounds = max(videos.numel() for videos in members)
+    query = torch.stack([torch.stack([m[r % m.numel()] for m in members]) for r in range(rounds)])       # [R, N]
+    support = torch.stack([torch.stack([m[(r + 1 + j) % m.numel()] for m in members for j in range(shots)])
+                           for r in range(rounds)])                                                      # [R, N*K]
+    class_rows = test.labels[query[0]].expand(rounds, -1)                                                # [R, N]
+    episode = build_episode(EpisodeIndex(support, query, class_rows, shots, 1), test.features, test.labels,
+                            test.class_text)
+    loaded.head.eval()
+    compared = loaded.head(episode).query_features                                                       # [R, N, T, C]
+    first = torch.tensor([[r < m.numel() for m in members] for r in range(rounds)], device=query.device)  # [R, N]
+    videos = query[first]
+    raw = test.features[videos, 0].float().mean(1)
+    model = None if compared is None else compared.mean(2)[first].cpu().numpy()
+    names = [test.video_ids[int(v)].split("/")[0] for v in videos]
+    return EmbeddingPoints(names, raw.cpu().numpy(), model)
+
+
+def _embedding(points: EmbeddingPoints, suite: Suite, path: Path) -> Path:
+    panels = [("CLIP features (cache)", _tsne(points.raw))]
+    if points.model is not None:
+        panels.append((f"{suite.variant(suite.reference).label}: query features", _tsne(points.model)))
+    figures.embedding_map(panels, points.classes, path)
+    return path
+
+
+def _tsne(features: np.ndarray) -> np.ndarray:
+    """2-D t-SNE of [V, C]. At most 5 x 40 points: the exact gradient is faster than Barnes-Hut at that size.
+    The perplexity is capped for the small sets of tests and smoke runs."""
+    perplexity = min(30.0, (len(features) - 1) / 3)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", method="exact",
+                random_state=0).fit_transform(features)

@@ -1,0 +1,235 @@
+"""Ablation suites from a user's point of view: one cache, every row and figure, reuse, pairing, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipspm.cli import app
+from clipspm.errors import ClipspmError
+from clipspm.stages.ablate import AblateOptions, run_ablation
+from clipspm.stages.report import paper_numbers
+from clipspm.stages.suites import SuiteSettings, load_suite, parse_suite, shipped_suites, variant_config
+from tests.conftest import run_cli
+
+# A schedule of a few seconds per run: 2 steps of 4 episodes, few validation and test episodes.
+SHORT = ("data.train_views=2", "train.episodes_per_step=4", "train.val_every=8", "train.val_episodes=10",
+         "train.log_every=4")
+EVAL_EPISODES = 40
+
+
+def suite_options(cache: Path, runs_dir: Path, suite: str, **changes) -> AblateOptions:
+    """Options that address the session's synthetic cache by its settings, as a user's command would."""
+    defaults = {"suite": suite, "dataset": "synthetic", "root": cache.parent.parent / "data",
+                "cache_dir": cache.parent, "shots": (1, 3), "episodes": 8, "eval_episodes": EVAL_EPISODES,
+                "overrides": SHORT, "devices": ("cpu",), "runs_dir": runs_dir, "progress": False}
+    return AblateOptions(**{**defaults, **changes})
+
+
+def cli_options(cache: Path, runs_dir: Path, *extra: str) -> list[str]:
+    sets = [item for override in SHORT for item in ("--set", override)]
+    return ["--dataset", "synthetic", "--root", str(cache.parent.parent / "data"), "--cache-dir", str(cache.parent),
+            "--episodes", "8", "--eval-episodes", str(EVAL_EPISODES), "--runs-dir", str(runs_dir), "--no-progress",
+            *sets, *extra]
+
+
+def run_quietly(options: AblateOptions):
+    """Run a suite in-process; return its result and what it printed to stderr."""
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        result = run_ablation(options)
+    return result, printed.getvalue()
+
+
+def assert_not_blank(path: Path) -> None:
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.std() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, path
+
+
+def modified_times(suite_dir: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in suite_dir.rglob("*")
+            if p.name in {"heads.safetensors", "results.json", "metrics.jsonl"}}
+
+
+@pytest.fixture(scope="module")
+def components(synthetic_cache, tmp_path_factory):
+    """The components suite (Table 3) at K = 1 and 3 on the session's synthetic cache."""
+    options = suite_options(synthetic_cache, tmp_path_factory.mktemp("runs"), "components")
+    result, printed = run_quietly(options)
+    return options, result, printed
+
+
+def test_shipped_suites_are_valid_and_every_variant_resolves():
+    assert {"components", "fusion", "consistency", "templates", "baselines"} <= set(shipped_suites())
+    settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
+                             overrides=[], eval_episodes=10, eval_queries=1, eval_seed=0)
+    for name in shipped_suites():
+        suite = load_suite(name)
+        for variant in suite.variants:
+            variant_config(settings, variant, 1)   # unknown keys or bad values would raise
+    components = load_suite("components")
+    on_off = {tuple(v.columns.values()) for v in components.variants}
+    assert len(on_off) == 8 and components.reference == "full"
+    assert [v.name for v in load_suite("templates").variants] == ["R1", "R4", "R7", "R10", "R13", "R16"]
+
+
+def test_paper_numbers_are_those_of_the_paper():
+    settings = SuiteSettings(dataset="hmdb51", backbone="RN50", cache="", shots=[1, 3, 5], overrides=[],
+                             eval_episodes=1, eval_queries=1, eval_seed=0)
+    table3 = paper_numbers(load_suite("components"), settings)
+    assert {name: table3[name][1] for name in ("none", "hsmr", "spm", "padm", "full")} == \
+        {"none": 64.5, "hsmr": 64.3, "spm": 74.0, "padm": 68.4, "full": 77.4}    # SPEC section 5
+    templates = paper_numbers(load_suite("templates"), settings)
+    assert templates["R1"] == {1: 76.1} and templates["R16"] == {1: 77.4, 3: 82.6, 5: 84.5}  # Fig. 5 + Table 1
+
+
+def test_suite_files_are_checked_with_clear_errors():
+    good = {"reference": "a", "variants": [{"name": "a", "set": ["model.padm=false"]}]}
+    parse_suite(good, default_name="mine", source="mine.yaml")
+    with pytest.raises(ClipspmError, match="reference"):
+        parse_suite({**good, "reference": "b"}, default_name="mine", source="mine.yaml")
+    with pytest.raises(ClipspmError, match="unknown suite keys"):
+        parse_suite({**good, "variant": []}, default_name="mine", source="mine.yaml")
+    with pytest.raises(ClipspmError, match="key=value"):
+        parse_suite({**good, "variants": [{"name": "a", "set": ["model.padm"]}]}, default_name="m", source="m.yaml")
+    with pytest.raises(ClipspmError, match="no shipped suite"):
+        load_suite("componentz")
+
+
+def test_suite_on_one_cache_makes_every_row_and_figure(components, synthetic_cache):
+    _, result, printed = components
+    suite = load_suite("components")
+    assert "reusing cache" in printed
+    assert [(o.variant, o.shots) for o in result.outcomes] == [(v.name, k) for v in suite.variants for k in (1, 3)]
+    assert {o.status for o in result.outcomes} == {"trained"}
+    caches, episodes = set(), {1: set(), 3: set()}
+    for outcome in result.outcomes:
+        caches.add(OmegaConf.load(Path(outcome.run_dir) / "config.yaml").data.cache)
+        scored = json.loads((Path(outcome.run_dir) / "results.json").read_text())
+        episodes[outcome.shots].add(scored["episodes_sha256"])
+    assert caches == {str(synthetic_cache.resolve())}, "every variant trains from the one cache"
+    assert all(len(digests) == 1 for digests in episodes.values()), "every variant is scored on the same episodes"
+
+    markdown = result.report.markdown.read_text()
+    for variant in suite.variants:
+        marks = " | ".join("✓" if variant.columns[c] else "✗" for c in suite.columns)
+        assert markdown.count(f"| {variant.label} | {marks} |") == 2, variant   # accuracy and paired tables
+    with open(result.report.csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["variant"] for row in rows] == [v.name for v in suite.variants]
+    assert all(0 <= float(row[f"{k}shot_accuracy"]) <= 100 for row in rows for k in (1, 3))
+    names = {path.name for path in result.report.figures}
+    assert names == {"training_curves.png", "ablation_bars.png", "embedding_tsne.png"}
+    for path in result.report.figures:
+        assert_not_blank(path)
+    assert not result.report.missing
+
+
+def test_second_run_reuses_the_cache_and_the_finished_variants(components):
+    options, first, _ = components
+    before = modified_times(first.suite_dir)
+    again, printed = run_quietly(options)
+    assert "reusing cache" in printed
+    assert {o.status for o in again.outcomes} == {"reused"}
+    assert [o.accuracy for o in again.outcomes] == [o.accuracy for o in first.outcomes]
+    assert modified_times(first.suite_dir) == before, "nothing was trained or evaluated again"
+
+
+def test_report_pairs_each_variant_with_the_full_model_as_computed_by_hand(components, tmp_path):
+    _, result, _ = components
+    suite_dir = result.suite_dir
+
+    def per_episode(run: str) -> np.ndarray:
+        digest = json.loads((suite_dir / run / "results.json").read_text())["episodes_sha256"]
+        return np.load(suite_dir / run / f"episode_accuracy-{digest[:12]}.npy").astype(np.float64)
+
+    (suite_dir / "report.md").unlink()
+    reported = run_cli("report", str(suite_dir), "--device", "cpu", cwd=tmp_path)
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    markdown = (suite_dir / "report.md").read_text()
+    with open(suite_dir / "report.csv") as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    for variant in ("none", "padm", "spm-padm"):
+        for k in (1, 3):
+            difference = per_episode(f"{variant}-{k}shot") - per_episode(f"full-{k}shot")
+            mean = 100 * difference.mean()
+            ci = 100 * 1.96 * difference.std(ddof=1) / np.sqrt(difference.size)
+            assert float(rows[variant][f"{k}shot_difference"]) == pytest.approx(mean)
+            assert float(rows[variant][f"{k}shot_difference_ci95"]) == pytest.approx(ci)
+            assert f"{mean:+.2f} ± {ci:.2f}" in markdown
+    assert rows["full"]["1shot_difference"] == ""
+
+
+def test_user_written_suite_file_runs_without_code_in_parallel_workers(synthetic_cache, tmp_path):
+    suite_file = tmp_path / "otam_temperature.yaml"
+    suite_file.write_text("""
+title: OTAM soft-min temperature
+columns: [lambda]
+curve: lambda
+reference: lam0.5
+variants:
+  - {name: lam0.1, columns: {lambda: 0.1}, set: [model.kind=otam, model.otam_lambda=0.1]}
+  - {name: lam0.5, columns: {lambda: 0.5}, set: [model.kind=otam, model.otam_lambda=0.5]}
+""")
+    done = run_cli("ablate", "--suite", str(suite_file), "--shots", "1", "--parallel", "2", "--devices", "cpu,cpu",
+                   *cli_options(synthetic_cache, tmp_path / "runs"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    suite_dir = tmp_path / "runs" / "ablate-synthetic-clipspm-tiny-vit-otam_temperature"
+    assert "1-shot on cpu: trained" in done.stderr, "each run went to a worker on a CPU device"
+    for name, value in (("lam0.1", 0.1), ("lam0.5", 0.5)):
+        assert f"otam_lambda: {value}" in (suite_dir / f"{name}-1shot" / "config.yaml").read_text()
+        assert (suite_dir / f"{name}-1shot" / "results.json").exists()
+    markdown = (suite_dir / "report.md").read_text()
+    assert "| lam0.1 | 0.1 |" in markdown and "| lam0.5 | 0.5 | reference |" in markdown
+    assert_not_blank(suite_dir / "figures" / "accuracy_vs_lambda.png")
+
+
+def test_killed_suite_resumes_skipping_finished_variants(synthetic_cache, tmp_path):
+    runs = tmp_path / "runs"
+    longer = ("--set", "train.val_every=4", "--episodes", "16")    # four checkpoints per run: a kill lands mid-run
+    process = subprocess.Popen([sys.executable, "-m", "clipspm", "ablate", "--suite", "consistency", "--shots", "1",
+                                *cli_options(synthetic_cache, runs), *longer],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    suite_dir = runs / "ablate-synthetic-clipspm-tiny-vit-consistency"
+    first, second = suite_dir / "none-1shot", suite_dir / "support-1shot"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None \
+            and not (second / "checkpoints" / "last" / "state.json").exists():
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (first / "results.json").exists() and not (second / "results.json").exists(), "kill mid-suite"
+    finished_before = modified_times(first)
+
+    result, _ = run_quietly(suite_options(synthetic_cache, runs, "consistency", shots=(1,), episodes=16,
+                                          overrides=(*SHORT, "train.val_every=4")))
+    status = {o.variant: o.status for o in result.outcomes}
+    assert status == {"none": "reused", "support": "resumed", "query": "trained", "both": "trained"}
+    assert modified_times(first) == finished_before
+    last_validation = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last_validation == {"episode": 16, "val_acc": last_validation["val_acc"]}
+    assert not result.report.missing
+
+
+def test_cli_help_explains_every_option():
+    shown = CliRunner().invoke(app, ["ablate", "--help"], terminal_width=200).output
+    for option in ("--suite", "--dataset", "--root", "--backbone", "--pretrained", "--shots", "--episodes",
+                   "--eval-episodes", "--eval-queries", "--set", "--parallel", "--devices", "--cache-dir",
+                   "--runs-dir"):
+        assert option in shown, option
+    assert "Suite directory made by" in CliRunner().invoke(app, ["report", "--help"]).output
