@@ -11,12 +11,17 @@ Times are the best of several interleaved rounds, so load from other processes h
 
 from __future__ import annotations
 
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from einops import rearrange
 
+if __package__ in (None, ""):  # run as `python benchmarks/otam.py`: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._timing import print_table, seconds_per_call
 from clipspm.pipeline.otam import frame_distances, otam_cumulative, otam_cumulative_recursive, otam_distance
 
 FRAMES, QUERIES, PROTOTYPES, LAMBDA = 8, 20, 5, 0.5
@@ -48,12 +53,7 @@ MEASUREMENTS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
 
 
 def _time_ms(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        torch.autograd.grad(fn(*inputs).sum(), inputs)
-    if inputs[0].is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
+    return seconds_per_call(lambda: torch.autograd.grad(fn(*inputs).sum(), inputs), calls, inputs[0].device) * 1e3
 
 
 def run(episodes: tuple[int, ...] = (1, 16), dim: int = 512, rounds: int = 7, device: str = "cpu") -> dict:
@@ -85,13 +85,9 @@ def run(episodes: tuple[int, ...] = (1, 16), dim: int = 512, rounds: int = 7, de
 def main() -> None:
     torch.set_num_threads(1)   # small tensors: one thread measures the method, not thread-pool contention
     result = run()
-    print(f"OTAM forward+backward, T={FRAMES}, {QUERIES} queries x {PROTOTYPES} prototypes per episode, "
-          f"C={result['dim']}, bidirectional, lambda={LAMBDA}, {result['device']}, {result['threads']} thread(s)")
-    columns = list(result["rows"][0])
-    widths = [max(len(column), 8) for column in columns]
-    print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
-    for row in result["rows"]:
-        print("  ".join(str(row[column]).rjust(width) for column, width in zip(columns, widths)))
+    print_table(f"OTAM forward+backward, T={FRAMES}, {QUERIES} queries x {PROTOTYPES} prototypes per episode, "
+                f"C={result['dim']}, bidirectional, lambda={LAMBDA}, {result['device']}, {result['threads']} "
+                f"thread(s)", result["rows"])
 
 
 if __name__ == "__main__":
