@@ -226,6 +226,30 @@ def test_killed_suite_resumes_skipping_finished_variants(synthetic_cache, tmp_pa
     assert not result.report.missing
 
 
+def test_a_failing_variant_does_not_stop_the_others_and_a_rerun_finishes_it(synthetic_cache, tmp_path,
+                                                                             monkeypatch):
+    import clipspm.stages.ablate as ablate
+
+    def train_or_fail(cfg, run_dir, **kwargs):
+        if run_dir.name == "support-1shot":
+            raise ClipspmError("the disk filled up")
+        return train_heads(cfg, run_dir, **kwargs)
+
+    train_heads = ablate.train_heads
+    options = suite_options(synthetic_cache, tmp_path / "runs", "consistency", shots=(1,))
+    monkeypatch.setattr(ablate, "train_heads", train_or_fail)
+    with pytest.raises(ClipspmError, match=r"1 of 4 runs did not finish(.|\n)*support 1-shot: the disk filled up"):
+        run_quietly(options)
+    suite_dir = tmp_path / "runs" / "ablate-synthetic-clipspm-tiny-vit-consistency"
+    assert {p.parent.name for p in suite_dir.glob("*/results.json")} == {"none-1shot", "query-1shot", "both-1shot"}
+
+    monkeypatch.setattr(ablate, "train_heads", train_heads)
+    result, _ = run_quietly(options)
+    assert {o.variant: o.status for o in result.outcomes} == {"none": "reused", "support": "trained",
+                                                              "query": "reused", "both": "reused"}
+    assert not result.report.missing
+
+
 def test_cli_help_explains_every_option():
     shown = CliRunner().invoke(app, ["ablate", "--help"], terminal_width=200).output
     for option in ("--suite", "--dataset", "--root", "--backbone", "--pretrained", "--shots", "--episodes",

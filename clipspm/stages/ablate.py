@@ -124,8 +124,7 @@ def run_ablation(options: AblateOptions, console: Console | None = None) -> Abla
 
     worker_start = 0.0
     if len(devices) == 1:
-        outcomes = [run_job(suite_dir, variant.name, k, device=devices[0], progress=options.progress,
-                            console=console) for variant, k in jobs]
+        outcomes = _run_in_process(suite_dir, jobs, devices[0], options.progress, console)
     else:
         outcomes, worker_start = _run_in_workers(suite_dir, jobs, devices, console)
 
@@ -215,6 +214,27 @@ def run_job(suite_dir: Path, variant_name: str, shots: int, *, device: str | Non
                       scored.ci95, trained.seconds, scored.seconds, time.perf_counter() - started)
 
 
+def _run_in_process(suite_dir: Path, jobs: list[tuple[Variant, int]], device: str, progress: bool,
+                    console: Console) -> list[JobOutcome]:
+    """The jobs one after another in this process; a failed run is reported once every other run is done."""
+    outcomes, failures = [], []
+    for variant, shots in jobs:
+        try:
+            outcomes.append(run_job(suite_dir, variant.name, shots, device=device, progress=progress,
+                                    console=console))
+        except ClipspmError as error:
+            failures.append(f"{variant.name} {shots}-shot: {error}")
+            console.print(f"[red]{variant.label}, {shots}-shot failed:[/red] {error}")
+    _raise_unfinished(len(jobs), len(outcomes), failures)
+    return outcomes
+
+
+def _raise_unfinished(jobs: int, finished: int, failures: list[str]) -> None:
+    if finished < jobs:
+        raise ClipspmError(f"{jobs - finished} of {jobs} runs did not finish (rerun the same command to resume "
+                           f"them; finished runs are kept):\n" + "\n".join(failures))
+
+
 def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: list[str],
                     console: Console) -> tuple[list[JobOutcome], float]:
     """One worker process per device, each fed the next job as soon as it is free; the outcomes in job order and
@@ -253,9 +273,7 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
     with ThreadPoolExecutor(len(devices)) as pool:
         for future in [pool.submit(serve, slot, device) for slot, device in enumerate(devices)]:
             future.result()
-    if len(outcomes) < len(jobs):
-        raise ClipspmError(f"{len(jobs) - len(outcomes)} of {len(jobs)} runs did not finish (rerun the same command "
-                           f"to resume them):\n" + "\n".join(failures))
+    _raise_unfinished(len(jobs), len(outcomes), failures)
     return [outcomes[position] for position in range(len(jobs))], sum(starts)
 
 
