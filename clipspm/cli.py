@@ -84,7 +84,8 @@ def extract(
     format: Annotated[str, typer.Option(help="Store format: zarr or hdf5.")] = "zarr",
     cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
     batch_frames: Annotated[Optional[int], typer.Option(help="Frames per encoder forward.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0: in the main process).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Decoding worker processes, at most the CPU cores (0: in the main process).")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu. Default: CUDA when available.")] = None,

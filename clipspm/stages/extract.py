@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,6 +101,11 @@ def extract(options: ExtractOptions) -> ExtractResult:
     dist = distributed.setup(options.device)
     console = Console(stderr=True, quiet=not dist.is_main)
     started = time.perf_counter()
+    cores = os.cpu_count() or 1
+    if options.workers > cores:   # more decoding processes than cores only compete with each other and the encoder
+        if options.workers != DEFAULTS.run.workers:
+            console.print(f"--workers {options.workers} lowered to the {cores} CPU cores of this machine")
+        options = replace(options, workers=cores)
 
     dataset = _load_dataset_once(options, dist)
     clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,

@@ -21,6 +21,7 @@ go through a cache: `tuned_test_cache` extracts the test split with the tuned to
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -90,6 +91,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     views = ViewSettings(num_segments=cache.num_frames, train_views=1, shorter_side=settings["resize_shorter_side"],
                          crop=settings["crop"], hflip=settings["hflip"])   # SPEC section 1, as extracted
     precision = training_precision(ft.precision, dist.device)
+    workers = min(ft.workers, os.cpu_count() or 1)   # more decoding processes than cores only compete
 
     # ---- model: the tower (chosen blocks trainable, BatchNorm statistics frozen) and the heads
     tower = clip.model.visual
@@ -121,7 +123,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
             truncate_metrics(run_dir, state["episode"])
         console.print(f"resuming {run_dir} at episode {state['episode']}")
     sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries)
-    loader = DataLoader(EpisodeFrames(train, views, t.seed), batch_size=None, num_workers=ft.workers,
+    loader = DataLoader(EpisodeFrames(train, views, t.seed), batch_size=None, num_workers=workers,
                         sampler=micro_batches(sampler, t.seed, range(step, total_steps), per_step, micro, starts),
                         pin_memory=dist.device.type == "cuda")
     batches = iter(loader)
@@ -129,7 +131,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
 
     def validate() -> float:
         tower.eval()
-        features = encode_test_views(clip, val, replace(views, train_views=0), precision, ft.workers, ft.val_batch)
+        features = encode_test_views(clip, val, replace(views, train_views=0), precision, workers, ft.val_batch)
         data = RunData(features, val.labels.to(dist.device), class_text, val.keys, train_views=0)
         return float(evaluate_episodes(head, val_index, data, batch=cfg.eval.batch).mean())
 
