@@ -152,6 +152,33 @@ def test_accumulated_episodes_equal_one_batched_step(video_root, cache_dir, tmp_
             assert one[key] == pytest.approx(batched[key], rel=1e-4), key
 
 
+@pytest.mark.parametrize("backbone", [VIT, RN])
+def test_activation_checkpointing_gives_the_same_update(video_root, cache_dir, tmp_path, backbone):
+    """Recomputing the tower's activations in backward (open_clip's ViT switch, our ResNet wrapping)
+    must not change the step: frozen BatchNorm and per-episode dropout seeds make it exact."""
+    for on in (True, False):
+        train_finetune(config(video_root, cache_dir, backbone, f"finetune.activation_checkpointing={on}"),
+                       tmp_path / f"checkpointing-{on}", progress=False)
+    assert_same_training(tmp_path / "checkpointing-True", tmp_path / "checkpointing-False", weights_atol=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_fp32(video_root, cache_dir, tmp_path):
+    """The bf16 path CUDA runs by default, exercised on the CPU: same data, losses within bf16 precision."""
+    for precision in ("bf16", "fp32"):
+        train_finetune(config(video_root, cache_dir, VIT, f"finetune.precision={precision}"), tmp_path / precision,
+                       progress=False)
+    start, tuned = initial_visual(VIT), saved(tmp_path / "bf16", "visual")
+    assert all(value.dtype == start[key].dtype for key, value in tuned.items()), "weights stay float32"
+    assert sum(not torch.equal(tuned[key], start[key]) for key in start) >= len(start) // 2
+    losses = [[record["loss"] for record in metrics(tmp_path / precision) if "loss" in record]
+              for precision in ("bf16", "fp32")]
+    assert losses[0] and all(torch.isfinite(torch.tensor(losses[0])))
+    assert losses[0] == pytest.approx(losses[1], rel=0.05)
+    with pytest.raises(ClipspmError, match="fp16 would need loss scaling"):
+        train_finetune(config(video_root, cache_dir, VIT, "finetune.precision=fp16"), tmp_path / "fp16",
+                       progress=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -76,7 +76,8 @@ class JobOutcome:
     variant: str
     shots: int
     run_dir: str
-    status: str                # reused (finished before), trained, resumed (continued from its last checkpoint)
+    status: str                # reused (finished before), trained, resumed (continued from its last checkpoint),
+                               # no training (a parameter-free baseline: scored only)
     accuracy: float
     ci95: float
     train_seconds: float
@@ -210,7 +211,8 @@ def run_job(suite_dir: Path, variant_name: str, shots: int, *, device: str | Non
     trained = train_heads(cfg, run_dir, resume=resume, progress=progress, device=device, console=console)
     scored = evaluate_run(run_dir, episodes=settings.eval_episodes, queries=settings.eval_queries, device=device,
                           progress=progress, console=console)
-    return JobOutcome(variant.name, shots, str(run_dir), "resumed" if resume else "trained", scored.accuracy,
+    status = "resumed" if resume else "trained" if trained.trained else "no training"
+    return JobOutcome(variant.name, shots, str(run_dir), status, scored.accuracy,
                       scored.ci95, trained.seconds, scored.seconds, time.perf_counter() - started)
 
 
