@@ -156,6 +156,18 @@ def test_same_command_reuses_the_cache_and_other_settings_make_a_new_one(extract
     assert fresh.total == 10
 
 
+def test_more_workers_than_cores_are_lowered_to_the_cores(video_root, tiny_weights, tmp_path, monkeypatch, capsys):
+    import clipspm.stages.extract as stage
+
+    used = []
+    monkeypatch.setattr(stage.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(stage, "_encode_blocks", lambda writer, mine, dataset, clip, views, opts, *rest:
+                        used.append(opts.workers) or 0)
+    extract(options(video_root, tmp_path, tiny_weights, workers=3, splits=("val",)))   # the videos are not encoded
+    assert used == [1]
+    assert "--workers 3 lowered to the 1 CPU cores" in capsys.readouterr().err
+
+
 def test_verify_passes_on_a_sound_cache_and_names_damage(extracted, tmp_path):
     with clipspm.cache.open(extracted.path) as cache:
         assert verify(cache) == []
