@@ -18,7 +18,6 @@ sampled while the videos are encoded.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from clipspm.datasets import load_dataset
 from clipspm.datasets.synthetic import SYNTHETIC_CLASSES, ensure_synthetic, write_video
 from clipspm.pipeline.encoder import load_clip
 from clipspm.stages.extract import DEFAULTS, ExtractOptions, extract, video_loader, view_settings
+from clipspm.system import usable_cores
 
 CHEAP_MODEL = "clipspm-tiny-vit"
 GPU_MODELS = ("RN50", "ViT-B-16")
@@ -54,7 +54,7 @@ def run(videos: int = 224, workers: tuple[int, ...] | None = None, models: tuple
     """videos/s of decoding alone and of `extract`, per source, model and worker count, best of `rounds`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = models or ((CHEAP_MODEL, *GPU_MODELS) if device == "cuda" else (CHEAP_MODEL,))
-    workers = workers or (min(DEFAULTS.run.workers, _cores()),)
+    workers = workers or (min(DEFAULTS.run.workers, usable_cores()),)
     rows = []
     for source in sources:
         where = _synthetic(videos) if source == "synthetic" else _ucf_like(videos)
@@ -75,7 +75,7 @@ def run(videos: int = 224, workers: tuple[int, ...] | None = None, models: tuple
                     "ratio": round(best["videos_per_s"] / decode, 2), "call videos/s": round(best["call_per_s"], 1),
                     "GPU util %": "-" if best["gpu_util"] is None else round(best["gpu_util"]),
                 })
-    return {"name": "extract", "device": describe_device(device), "cores": _cores(),
+    return {"name": "extract", "device": describe_device(device), "cores": usable_cores(),
             "frames_per_video": DEFAULTS.num_frames * (1 + DEFAULTS.train_views), "rounds": rounds, "rows": rows}
 
 
@@ -115,7 +115,7 @@ def _ucf_like(videos: int) -> dict:
     if not test_list.exists():   # written last: a killed generation is finished on the next run
         missing = [(root / f"{key}.mp4", i) for i, key in enumerate(keys) if not (root / f"{key}.mp4").exists()]
         if missing:
-            with ProcessPoolExecutor(_cores()) as pool:
+            with ProcessPoolExecutor(usable_cores()) as pool:
                 list(pool.map(_write_ucf_like, *zip(*missing)))
         test_list.parent.mkdir(parents=True, exist_ok=True)
         test_list.write_text("".join(f"{key}\n" for key in keys))
@@ -179,10 +179,6 @@ def _utilisation_reader(device: torch.device) -> Callable[[], float] | None:
             return None
     query = ["nvidia-smi", f"--id={device.index or 0}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
     return lambda: float(subprocess.run(query, capture_output=True, text=True, check=True).stdout.split()[0])
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def test_more_workers_than_cores_are_lowered_to_the_cores(video_root, tiny_weigh
     import clipspm.stages.extract as stage
 
     used = []
-    monkeypatch.setattr(stage.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(stage, "usable_cores", lambda: 1)
     monkeypatch.setattr(stage, "_encode_blocks", lambda writer, mine, dataset, clip, views, opts, *rest:
                         used.append(opts.workers) or 0)
     extract(options(video_root, tmp_path, tiny_weights, workers=3, splits=("val",)))   # the videos are not encoded

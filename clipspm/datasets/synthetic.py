@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clipspm.errors import DatasetError
+from clipspm.system import usable_cores
 
 GENERATOR_VERSION = 1  # bump when any pixel changes, so that older roots are refused, not mixed
 DEFAULT_VIDEOS_PER_CLASS = 12
@@ -481,7 +482,7 @@ def _check_root_is_ours(root: Path, marker: dict[str, Any] | None, params: dict[
 
 def _run_jobs(jobs: list[tuple[Path, PlannedVideo, int]], progress: bool, workers: int | None) -> None:
     """Check or make the videos, in a pool of processes when there are several cores."""
-    workers = min(workers or _usable_cores(), max(len(jobs), 1))
+    workers = min(workers or usable_cores(), max(len(jobs), 1))
     # fork keeps the start-up cheap; the pool is made before the progress bar starts its thread.
     pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) \
         if workers > 1 else None
@@ -496,8 +497,3 @@ def _run_jobs(jobs: list[tuple[Path, PlannedVideo, int]], progress: bool, worker
         if pool:
             pool.terminate()
             pool.join()
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (a container's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -97,6 +97,13 @@ def register_model_configs() -> None:
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def feature_width(name: str) -> int | None:
+    """C, the width of open_clip model `name`'s projected embeddings (None for a name open_clip does not know)."""
+    register_model_configs()
+    config = open_clip.get_model_config(name)
+    return None if config is None else int(config["embed_dim"])
+
+
 def load_clip(name: str, pretrained: str = "openai", device: str | torch.device = "cpu", *,
               seed: int = 0, weights: str | Path | None = None) -> ClipModel:
     """Build `name` with weights from a tag, a local file, or `none` (random init from `seed`).
@@ -141,7 +148,7 @@ def load_clip(name: str, pretrained: str = "openai", device: str | torch.device 
         model=model, name=name, pretrained=resolved, pretrained_kind=kind, weight_sha256=digest, image_size=image_size,
         mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
-        feature_dim=int(open_clip.get_model_config(name)["embed_dim"]),
+        feature_dim=feature_width(name),
         config_sha256=hashlib.sha256(json.dumps(open_clip.get_model_config(name), sort_keys=True).encode()).hexdigest(),
     )
 

@@ -46,6 +46,7 @@ from clipspm.stages.suites import (
     variant_config,
     write_suite_dir,
 )
+from clipspm.system import usable_cores
 
 
 @dataclass
@@ -247,7 +248,7 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
     outcomes: dict[int, JobOutcome] = {}
     failures: list[str] = []
     starts: list[float] = []
-    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, devices.count("cpu")))
+    cpu_threads = max(1, usable_cores() // max(1, devices.count("cpu")))
 
     def serve(slot: int, device: str) -> None:
         try:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from clipspm.errors import ClipspmError
+from clipspm.pipeline.encoder import file_sha256
 from clipspm.pipeline.episode import Episode
 
 
@@ -133,8 +134,7 @@ def fixed_episodes(path: Path, labels: torch.Tensor, video_ids: list[str], *, wa
         save_file({"support": index.support.contiguous(), "query": index.query.contiguous(),
                    "classes": index.classes.contiguous()}, str(partial), metadata={"episodes": json.dumps(meta)})
         partial.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return index, digest
+    return index, file_sha256(path)
 
 
 def episode_file_name(split: str, ways: int, shots: int, queries: int, episodes: int, seed: int) -> str:

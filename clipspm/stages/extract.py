@@ -10,7 +10,6 @@ shared out across ranks, which all write into the one store.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from clipspm.datasets import Dataset, load_dataset
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import ClipModel, load_clip, resolve_precision
 from clipspm.stages import distributed
+from clipspm.system import usable_cores
 from clipspm.video.views import VideoItem, VideoViewsDataset, ViewSettings, collate_items
 
 DEFAULTS = load_config("extract")
@@ -101,7 +101,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     dist = distributed.setup(options.device)
     console = Console(stderr=True, quiet=not dist.is_main)
     started = time.perf_counter()
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if options.workers > cores:   # more decoding processes than cores only compete with each other and the encoder
         if options.workers != DEFAULTS.run.workers:
             console.print(f"--workers {options.workers} lowered to the {cores} CPU cores of this machine")
@@ -180,8 +180,7 @@ def _encoder_threads(device: torch.device, workers: int):
     the decoding down by more than they speed up the encoder. The caller's setting comes back after."""
     before = torch.get_num_threads()
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(before, cores - workers)))
+        torch.set_num_threads(max(1, min(before, usable_cores() - workers)))
     try:
         yield
     finally:

@@ -21,7 +21,6 @@ go through a cache: `tuned_test_cache` extracts the test split with the tuned to
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -37,7 +36,7 @@ from clipspm.cache.store import FeatureCache, find_store
 from clipspm.datasets import Dataset as VideoDataset
 from clipspm.datasets import load_dataset
 from clipspm.errors import CacheError, ClipspmError, DatasetError
-from clipspm.pipeline.encoder import ClipModel, load_clip
+from clipspm.pipeline.encoder import ClipModel, feature_width, load_clip
 from clipspm.pipeline.episode import StepResult, episode_step
 from clipspm.pipeline.model import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
@@ -52,7 +51,6 @@ from clipspm.stages.runs import (
     backbone_of,
     class_prompts,
     load_run_config,
-    model_width,
     open_run_cache,
     prepare_run_dir,
     save_validation,
@@ -60,6 +58,7 @@ from clipspm.stages.runs import (
     truncate_metrics,
     val_episodes,
 )
+from clipspm.system import usable_cores
 from clipspm.video.decode import VideoReadError
 from clipspm.video.sampling import video_rng
 from clipspm.video.views import VideoViewsDataset, ViewSettings, collate_items, load_views
@@ -91,7 +90,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     views = ViewSettings(num_segments=cache.num_frames, train_views=1, shorter_side=settings["resize_shorter_side"],
                          crop=settings["crop"], hflip=settings["hflip"])   # SPEC section 1, as extracted
     precision = training_precision(ft.precision, dist.device)
-    workers = min(ft.workers, os.cpu_count() or 1)   # more decoding processes than cores only compete
+    workers = min(ft.workers, usable_cores())   # more decoding processes than cores only compete
 
     # ---- model: the tower (chosen blocks trainable, BatchNorm statistics frozen) and the heads
     tower = clip.model.visual
@@ -303,9 +302,9 @@ def check_init(init: Path, cfg: DictConfig) -> None:
         raise ClipspmError(f"--init {init} holds no best checkpoint; has its training validated at least once?")
     theirs = OmegaConf.select(init_cfg, "data.cache_key.model") or backbone_of(init_cfg)
     ours = backbone_of(cfg)
-    if model_width(theirs) != model_width(ours):
-        raise ClipspmError(f"--init {init}: its heads were trained on {theirs} features {model_width(theirs)} wide, "
-                           f"but this run's tower {ours} gives features {model_width(ours)} wide; start from a "
+    if feature_width(theirs) != feature_width(ours):
+        raise ClipspmError(f"--init {init}: its heads were trained on {theirs} features {feature_width(theirs)} wide, "
+                           f"but this run's tower {ours} gives features {feature_width(ours)} wide; start from a "
                            f"heads run of {ours} (or a backbone of the same width), or leave --init out")
 
 

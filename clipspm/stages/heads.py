@@ -66,7 +66,7 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
 
     per_step = t.episodes_per_step
     total_steps = -(-t.episodes // per_step)
-    val_steps = max(1, t.val_every // per_step)
+    val_steps, log_steps = max(1, t.val_every // per_step), max(1, t.log_every // per_step)
     step, best = 0, (-1.0, 0)
     if resume:
         state = load_checkpoint(run_dir / "checkpoints" / "last", heads=head, optimizer=optimizer)
@@ -96,7 +96,7 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
 
             # ---- logging, validation, checkpoints
             episode_count = step * per_step
-            if step % max(1, t.log_every // per_step) == 0 or step == total_steps:
+            if step % log_steps == 0 or step == total_steps:
                 averaged = window.write(run_dir, episode_count, per_step)
                 bar.update(task, loss=averaged["loss"], acc=averaged["accuracy"], rate=averaged["episodes_per_s"])
             if step % val_steps == 0 or step == total_steps:

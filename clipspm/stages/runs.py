@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clipspm.cache.store import FeatureCache, find_store
 from clipspm.config import load_config, merge_config
 from clipspm.errors import CacheError, ClipspmError
+from clipspm.pipeline.encoder import feature_width
 from clipspm.stages.checkpoint import save_checkpoint
 from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episodes
 
@@ -66,15 +66,6 @@ def backbone_of(cfg: DictConfig) -> str:
     if cfg.data.dataset not in SPECS:
         raise ClipspmError(f"unknown dataset {cfg.data.dataset!r}; see `clipspm datasets`")
     return SPECS[cfg.data.dataset].default_backbone
-
-
-def model_width(name: str) -> int | None:
-    """C, the feature width of open_clip model `name` (None for a name open_clip does not know)."""
-    from clipspm.pipeline.encoder import register_model_configs
-
-    register_model_configs()
-    config = open_clip.get_model_config(name)
-    return None if config is None else int(config["embed_dim"])
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
@@ -208,7 +199,7 @@ def check_cache_fits(cache: FeatureCache, cfg: DictConfig) -> None:
         problems.append(f"it holds dataset {meta['settings']['dataset']!r}, the run asks for {data.dataset!r}")
     if data.backbone and meta["model"] != data.backbone:
         problems.append(f"it holds {meta['model']} features, the run asks for backbone {data.backbone}")
-    width = model_width(data.backbone) if data.backbone else None
+    width = feature_width(data.backbone) if data.backbone else None
     if width is not None and width != meta["feature_dim"]:
         problems.append(f"its features are {meta['feature_dim']} wide, {data.backbone} gives {width}")
     if data.num_frames is not None and meta["num_frames"] != data.num_frames:
