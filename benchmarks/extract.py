@@ -4,6 +4,7 @@ Run `python benchmarks/extract.py [--quick]`; `run()` returns the measurements. 
 worker count:
 
     decode only   `video_loader`, the DataLoader `extract` reads from (decode, sample, crop in W workers), iterated
+    encode only   the encoder on random frames, batched and threaded as `extract` runs it: its bound on extract
     extract       `extract()` into a fresh cache: that loader, then normalisation, the encoder, the Zarr writes
 
 Both rates count the per-video loop, the loader's start included; `ratio` is extract over decode only: what
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/extract.py`: make the
 from benchmarks._timing import command_line, describe_device, interleaved, print_table
 from clipspm.datasets import load_dataset
 from clipspm.datasets.synthetic import SYNTHETIC_CLASSES, ensure_synthetic, write_video
-from clipspm.pipeline.encoder import load_clip
+from clipspm.pipeline.encoder import load_clip, resolve_precision
 from clipspm.stages.extract import DEFAULTS, ExtractOptions, extract, video_loader, view_settings
 from clipspm.system import usable_cores
 
@@ -66,12 +67,14 @@ def run(videos: int = 224, workers: tuple[int, ...] | None = None, models: tuple
                                          device=device, progress=False)
                 views = view_settings(options, dataset, clip)
                 results = interleaved({"decode": partial(_decode_only, dataset, views, options),
+                                       "encode": partial(_encode_only, clip, views, options),
                                        "extract": partial(_extract_once, options)}, rounds)
                 decode = max(results["decode"])
                 best = max(results["extract"], key=lambda result: result["videos_per_s"])
                 rows.append({
                     "videos": f"{len(dataset.videos)} {source}", "model": model, "workers": num_workers,
-                    "decode only videos/s": round(decode, 1), "extract videos/s": round(best["videos_per_s"], 1),
+                    "decode only videos/s": round(decode, 1), "encode only videos/s": round(max(results["encode"]), 1),
+                    "extract videos/s": round(best["videos_per_s"], 1),
                     "ratio": round(best["videos_per_s"] / decode, 2), "call videos/s": round(best["call_per_s"], 1),
                     "GPU util %": "-" if best["gpu_util"] is None else round(best["gpu_util"]),
                 })
@@ -83,6 +86,31 @@ def _decode_only(dataset, views, options: ExtractOptions) -> float:
     started = time.perf_counter()
     count = sum(len(batch) for batch in video_loader(dataset, list(range(len(dataset.videos))), views, options))
     return count / (time.perf_counter() - started)
+
+
+def _encode_only(clip, views, options: ExtractOptions, videos: int = 32) -> float:
+    """videos/s of the encoder alone on random frames of a video's size, batched as `extract` batches them, with
+    the threads `extract` leaves it on the CPU (the cores its decoding workers do not take)."""
+    frames_per_video = views.views * views.num_segments
+    batch = max(1, options.batch_frames // frames_per_video) * frames_per_video
+    calls = -(-videos * frames_per_video // batch)
+    frames = torch.randint(0, 256, (batch, 3, views.crop, views.crop), dtype=torch.uint8)
+    precision = resolve_precision(options.precision, clip.device)
+    before = torch.get_num_threads()
+    if clip.device.type == "cpu":
+        torch.set_num_threads(max(1, min(before, usable_cores() - options.workers)))
+    try:
+        with torch.inference_mode():
+            clip.encode_frames(frames, precision)          # warm-up
+            started = time.perf_counter()
+            for _ in range(calls):
+                clip.encode_frames(frames, precision)
+            if clip.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(before)
+    return calls * batch / frames_per_video / seconds
 
 
 def _extract_once(options: ExtractOptions) -> dict:
