@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/ablate.py`: make the 
 
 from benchmarks._timing import command_line, describe_device, print_table
 from clipspm.datasets.synthetic import ensure_synthetic
-from clipspm.stages.ablate import AblateOptions, AblateResult, run_ablation
+from clipspm.experiments.ablate import AblateOptions, AblateResult, run_ablation
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 

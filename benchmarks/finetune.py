@@ -31,12 +31,12 @@ if __package__ in (None, ""):  # run as `python benchmarks/finetune.py`: make th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import command_line, describe_device, print_table, seconds_per_call, synchronize
+from clipspm.config import resolve_config
 from clipspm.pipeline.encoder import load_clip
-from clipspm.pipeline.model import build_head
+from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
 from clipspm.stages.episodes import EpisodeSampler, step_generator
 from clipspm.stages.finetune import MicroBatch, forward_episodes, training_precision
-from clipspm.stages.runs import resolve_config
 
 WAYS, QUERIES, FRAMES = 5, 4, 8
 BACKBONES = {"cuda": ("RN50", "ViT-B-16"), "cpu": ("clipspm-tiny-rn", "clipspm-tiny-vit")}
@@ -66,7 +66,7 @@ def measure(backbone: str, shots: int, checkpointing: bool, device: str, episode
     def episode() -> None:
         batch = MicroBatch(0, 0, sampler.sample(1, step_generator(0, next(step), torch.device("cpu"))))
         result = forward_episodes(clip, head, batch, frames, labels, class_text, labels.to(device).unique(),
-                                  precision, cfg.loss)
+                                  precision, cfg.loss, 1)
         result.loss.backward()
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -34,10 +34,10 @@ if __package__ in (None, ""):  # run as `python benchmarks/heads.py`: make the `
 
 from benchmarks._timing import command_line, describe_device, interleaved, print_table, seconds_per_call
 from benchmarks.otam import run as run_otam
-from clipspm.config import load_config
+from clipspm.config import load_config, resolve_config
 from clipspm.pipeline.encoder import load_clip
 from clipspm.pipeline.episode import episode_step
-from clipspm.pipeline.model import build_head
+from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
 from clipspm.stages.episodes import EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
@@ -85,9 +85,7 @@ def run(sections: tuple[str, ...] = SECTIONS, rounds: int = 3, tower_rounds: int
 
 
 def _heads_config(shots: int) -> DictConfig:
-    cfg = load_config("heads")
-    cfg.train.shots = shots
-    return cfg
+    return resolve_config("heads", "synthetic", overrides=[f"train.shots={shots}"])
 
 
 def _random_split(classes: int, width: int, views: int, device: torch.device) -> RunData:
@@ -159,7 +157,7 @@ def _eval(cfg: DictConfig, data: RunData, device: torch.device) -> Callable[[], 
 # ---- one episode from the cache against one with the visual tower in the loop
 
 def _cache_against_tower(device: torch.device, rounds: int) -> list[dict]:
-    cfg, ft = _heads_config(1), load_config("finetune").finetune
+    cfg, ft = _heads_config(1), resolve_config("finetune", "synthetic").finetune
     clip = load_clip(TOWER, "none", device)
     tower = clip.model.visual
     if ft.activation_checkpointing:
@@ -191,7 +189,7 @@ def _cache_against_tower(device: torch.device, rounds: int) -> list[dict]:
             tower.requires_grad_(False).eval()
         head.train()
         forward_episodes(clip, head, MicroBatch(0, 0, index), frames, data.labels, data.class_text, base_classes,
-                         precision, cfg.loss).loss.backward()
+                         precision, cfg.loss, 1).loss.backward()
         head.zero_grad(set_to_none=True)
         tower.zero_grad(set_to_none=True)
 
@@ -245,7 +243,8 @@ def main() -> None:
         args.rounds, args.tower_rounds = 1, 1
     result = run(tuple(args.sections), args.rounds, args.tower_rounds, args.device)
     where = f"{result['device']}, best of {result['rounds']} interleaved rounds"
-    t, e = load_config("heads").train, load_config("heads").eval
+    defaults = resolve_config("heads", "synthetic", overrides=["train.episodes=20000"])
+    t, e = defaults.train, defaults.eval
     titles = {
         "episodes": f"Heads stage, {t.ways}-way, episodes/s (train: E={t.episodes_per_step} per step, {t.queries} "
                     f"queries; eval: {e.batch} per forward, {e.queries} query), {where}",

@@ -20,7 +20,7 @@ from rich.table import Table
 from clipspm.errors import ClipspmError
 
 if TYPE_CHECKING:
-    from clipspm.stages.report import ReportResult
+    from clipspm.experiments.report import ReportResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="CLIP-SPM few-shot action recognition: extract CLIP features once, train and evaluate "
@@ -225,7 +225,8 @@ def train(
     datasets.yaml for the dataset, then --config, then --set. The run directory receives the resolved
     config, metrics.jsonl, checkpoints (safetensors + JSON) and, after `clipspm eval`, results.json.
     """
-    from clipspm.stages.runs import default_run_dir, load_run_config, resolve_config
+    from clipspm.config import resolve_config
+    from clipspm.stages.runs import default_run_dir, load_run_config
 
     overrides = list(set_ or [])
     for key, value in [("data.dataset", dataset), ("data.backbone", backbone), ("data.pretrained", pretrained),
@@ -260,6 +261,51 @@ def train(
     table.add_row("time", f"{result.seconds:.0f} s")
     console.print(table)
     console.print(f"next: clipspm eval {result.run_dir}")
+
+
+@app.command()
+def methods() -> None:
+    """Every registered few-shot method: its paper, its authors' code, what it needs, its parity status."""
+    from clipspm.pipeline.methods import methods as registered
+
+    for method in registered().values():
+        reason = method.refusal()
+        usable = "runs from a feature cache" if reason is None else f"[yellow]refused[/]: {reason}"
+        console.print(f"[bold]{method.name}[/]  {method.title} ({'trained' if method.trainable else 'no parameters'})")
+        for label, text in [("paper", method.paper), ("code", method.code), ("needs", ", ".join(method.needs)),
+                            ("input", usable), ("parity", method.parity), ("notes", method.notes)]:
+            if text:
+                console.print(f"    {label:<7}{text}", highlight=False)
+
+
+@app.command("config")
+def config_reference(
+    stage: Annotated[Stage, typer.Option(help="The stage whose keys to list (finetune adds the finetune section).")]
+    = Stage.finetune,
+    kind: Annotated[Optional[str], typer.Option(help="Only this method's model/loss keys (default: every method's).")]
+    = None,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table (docs/CONFIG.md).")] = False,
+    show: Annotated[bool, typer.Option(help="Print the resolved config of --dataset/--config/--set instead.")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="With --show: the dataset.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="With --show: a YAML file merged over the defaults.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="With --show: key=value overrides.")] = None,
+) -> None:
+    """Every config key with what it accepts, its default and its meaning; `--show` resolves one config."""
+    from omegaconf import OmegaConf
+
+    from clipspm.config import option_rows, options_markdown, resolve_config
+
+    if show:
+        overrides = list(set_ or []) + ([f"model.kind={kind}"] if kind else [])
+        console.print(OmegaConf.to_yaml(resolve_config(stage.value, dataset, config, overrides)), end="")
+        return
+    if markdown:
+        print(options_markdown(stage.value), end="")
+        return
+    table = Table("key", "accepts", "default", "meaning")
+    for row in option_rows(stage.value, kind):
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command("eval")
@@ -319,7 +365,7 @@ def demo(
 ) -> None:
     """Offline end to end on the synthetic dataset: extract, train CLIP-SPM, evaluate it against the OTAM and
     ProtoNet baselines on the same test episodes. A few minutes on a laptop CPU; reruns reuse what is done."""
-    from clipspm.stages.demo import run_demo
+    from clipspm.experiments.demo import run_demo
 
     rows = run_demo(episodes=episodes, eval_episodes=eval_episodes, shots=shots, runs_dir=runs_dir,
                     cache_dir=cache_dir, progress=progress)
@@ -370,7 +416,7 @@ def ablate(
     Every variant x K is its own run directory, trained from that cache and scored on the same stored test
     episodes. Run the same command again after a kill: finished runs are skipped, half-trained ones resume.
     """
-    from clipspm.stages.ablate import AblateOptions, run_ablation
+    from clipspm.experiments.ablate import AblateOptions, run_ablation
 
     options = AblateOptions(suite=suite, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
                             shots=tuple(_int_list(shots, "--shots")), episodes=episodes,
@@ -398,7 +444,7 @@ def report(
 ) -> None:
     """Markdown + CSV tables in the paper's layout (mean ± 95% CI, paired difference to the full model, the
     paper's numbers beside ours) and PNG figures: training curves, ablation bars, accuracy against R, t-SNE map."""
-    from clipspm.stages.report import write_report
+    from clipspm.experiments.report import write_report
 
     _print_report(write_report(suite_dir, device=device))
 
@@ -409,7 +455,7 @@ def ablate_worker(
     device: Annotated[Optional[str], typer.Option()] = None,
 ) -> None:
     """A `clipspm ablate --parallel` worker: runs the suite's jobs named on stdin, one JSON line each on stdout."""
-    from clipspm.stages.ablate import serve_jobs
+    from clipspm.experiments.ablate import serve_jobs
 
     serve_jobs(suite_dir, device, sys.stdin, sys.stdout)
 

@@ -124,7 +124,7 @@ def synthetic_cache(tmp_path_factory) -> Path:
 
 def heads_config(cache: Path, *overrides: str):
     """The shipped heads config on `cache`, with a short schedule for tests."""
-    from clipspm.stages.runs import resolve_config
+    from clipspm.config import resolve_config
 
     return resolve_config("heads", "synthetic", overrides=[f"data.cache={cache}", "train.episodes=320",
                                                            "train.val_every=160", "train.val_episodes=100",

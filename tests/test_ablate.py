@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from clipspm.cli import app
 from clipspm.errors import ClipspmError
-from clipspm.stages.ablate import AblateOptions, run_ablation
-from clipspm.stages.report import paper_numbers
-from clipspm.stages.suites import SuiteSettings, load_suite, parse_suite, shipped_suites, variant_config
+from clipspm.experiments.ablate import AblateOptions, run_ablation
+from clipspm.experiments.report import paper_numbers
+from clipspm.experiments.suites import SuiteSettings, load_suite, parse_suite, shipped_suites, variant_config
 from tests.conftest import run_cli
 
 # A schedule of a few seconds per run: 2 steps of 4 episodes, few validation and test episodes.
@@ -229,7 +229,7 @@ def test_killed_suite_resumes_skipping_finished_variants(synthetic_cache, tmp_pa
 
 def test_a_failing_variant_does_not_stop_the_others_and_a_rerun_finishes_it(synthetic_cache, tmp_path,
                                                                              monkeypatch):
-    import clipspm.stages.ablate as ablate
+    import clipspm.experiments.ablate as ablate
 
     def train_or_fail(cfg, run_dir, **kwargs):
         if run_dir.name == "support-1shot":

@@ -6,14 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from clipspm.config import load_config
 from clipspm.errors import ClipspmError
 from clipspm.pipeline import (
-    HEAD_KINDS,
-    CLIPSPMHead,
     Episode,
     HeadOutput,
     MotionFeatureExtractor,
@@ -21,16 +17,22 @@ from clipspm.pipeline import (
     SemanticFusion,
     build_head,
     episode_step,
+    get_method,
+    methods,
     otam_distance,
 )
+
+HEAD_KINDS = sorted(name for name, method in methods().items() if method.refusal() is None)
 
 DIM, HEADS = 32, 4
 
 
 def configs(**model) -> tuple[dict, dict]:
-    """The shipped `model:` / `loss:` defaults at test width, with `model` overrides."""
-    shipped = OmegaConf.to_container(load_config("heads"))
-    return {**shipped["model"], "num_heads": HEADS, **model}, shipped["loss"]
+    """The method's `model:` / `loss:` defaults at test width, with `model` overrides."""
+    method = get_method(model.get("kind", "clipspm"))
+    defaults = method.model_options().model_dump()
+    width = {"num_heads": HEADS} if "num_heads" in defaults else {}
+    return {**defaults, **width, **model}, method.loss_options().model_dump()
 
 
 def make_head(**model) -> nn.Module:
@@ -242,7 +244,7 @@ def test_two_distances_are_weighted_and_a_lone_one_is_not():
     torch.manual_seed(0)
     episode = make_episode(shots=3)
     model_cfg, loss_cfg = configs(hsmr=False)
-    head = CLIPSPMHead(DIM, model_cfg, loss_cfg).eval()
+    head = build_head(model_cfg, loss_cfg, DIM).eval()
     spm, padm = head.spm, head.padm
 
     def protos(support):
@@ -309,7 +311,8 @@ def test_unknown_kind_and_heads_not_dividing_width_are_clear_errors():
         make_head(kind="trx")
     with pytest.raises(ClipspmError, match="num_heads=5 does not divide .* C=32"):
         make_head(num_heads=5)
-    make_head(kind="otam", num_heads=5)           # nothing attends: no constraint
+    with pytest.raises(ClipspmError, match=r"unknown config key model.num_heads \(model.kind=otam\)"):
+        make_head(kind="otam", num_heads=5)       # OTAM has no attention, hence no such option
 
 
 def test_episode_checks_its_shapes():

@@ -109,7 +109,7 @@ def test_checkpoints_load_without_unpickling(synthetic_cache, tmp_path, monkeypa
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
-    from clipspm.pipeline.model import build_head
+    from clipspm.pipeline.methods import build_head
 
     cfg = heads_config(synthetic_cache)
     head = build_head(cfg.model, cfg.loss, 64)
@@ -120,7 +120,7 @@ def test_checkpoints_load_without_unpickling(synthetic_cache, tmp_path, monkeypa
 
 def test_checkpoint_of_another_width_is_a_clear_error(synthetic_cache, tmp_path):
     from clipspm.errors import ClipspmError
-    from clipspm.pipeline.model import build_head
+    from clipspm.pipeline.methods import build_head
 
     run = tmp_path / "run"
     train_heads(heads_config(synthetic_cache, "train.episodes=160"), run, progress=False)

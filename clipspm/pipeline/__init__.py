@@ -1,11 +1,10 @@
-"""The network: OTAM, Semantic Fusion, HSMR, prompt generator, SPM, PADM, losses, baselines,
-the CLIP-SPM head, and the Episode batch with the one episode step that assembles the loss."""
+"""The network: OTAM, Semantic Fusion, HSMR, prompt generator, SPM, PADM, losses, the Episode batch with
+the one episode step that assembles the loss, and the few-shot methods built from them (`methods/`)."""
 
-from clipspm.pipeline.baselines import CLIPFSARHead, ProtoNetHead
-from clipspm.pipeline.episode import AUX_LOSS_WEIGHTS, Episode, HeadOutput, StepResult, episode_step
+from clipspm.pipeline.episode import AUX_LOSS_WEIGHTS, Episode, HeadOutput, StepResult, class_prototypes, episode_step
 from clipspm.pipeline.hsmr import HSMR, MotionFeatureExtractor
 from clipspm.pipeline.losses import condis, video_text_loss
-from clipspm.pipeline.model import HEAD_KINDS, CLIPSPMHead, build_head
+from clipspm.pipeline.methods import build_head, get_method, methods
 from clipspm.pipeline.otam import frame_distances, otam_cumulative, otam_cumulative_recursive, otam_distance
 from clipspm.pipeline.padm import PADMOutput, PrototypeAnchorDualModulation
 from clipspm.pipeline.prompt_generator import PromptGenerator
@@ -14,17 +13,13 @@ from clipspm.pipeline.spm import SemanticPrototypeModulation, SPMOutput
 
 __all__ = [
     "AUX_LOSS_WEIGHTS",
-    "HEAD_KINDS",
     "HSMR",
     "MAX_FRAMES",
-    "CLIPFSARHead",
-    "CLIPSPMHead",
     "Episode",
     "HeadOutput",
     "MotionFeatureExtractor",
     "PADMOutput",
     "PromptGenerator",
-    "ProtoNetHead",
     "PrototypeAnchorDualModulation",
     "SPMOutput",
     "SemanticFusion",
@@ -32,9 +27,12 @@ __all__ = [
     "StepResult",
     "TransformerLayer",
     "build_head",
+    "class_prototypes",
     "condis",
     "episode_step",
     "frame_distances",
+    "get_method",
+    "methods",
     "otam_cumulative",
     "otam_cumulative_recursive",
     "otam_distance",

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-# aux key of a head -> the `loss:` config key holding its weight (Eq. 15: λ3 L_H, λ4 L_S; CLIP-FSAR).
-AUX_LOSS_WEIGHTS = {"hsmr": "lambda_h", "spm": "lambda_s", "video_text": "video_text"}
+# aux key of a head -> the `loss:` config key holding its weight (Eq. 15: λ3 L_H, λ4 L_S). A head whose
+# aux key is not listed here names it after its weight's key.
+AUX_LOSS_WEIGHTS = {"hsmr": "lambda_h", "spm": "lambda_s"}
 
 
 @dataclass(kw_only=True)
@@ -92,6 +93,11 @@ class Episode:
                        class_ids=self.class_ids[index])
 
 
+def class_prototypes(support: Tensor, shots: int) -> Tensor:
+    """Class prototypes: the mean over the K shots, [E, N*K, T, C] -> [E, N, T, C]."""
+    return reduce(support, "e (n k) t c -> e n t c", "mean", k=shots)
+
+
 @dataclass
 class HeadOutput:
     logits: Tensor                                         # [E, N*M, N] = -distance
@@ -107,16 +113,26 @@ class StepResult:
     metrics: dict[str, float]      # loss, ce, accuracy and each auxiliary loss (unweighted)
 
 
-def episode_step(head: nn.Module, episode: Episode, loss_cfg: Mapping) -> StepResult:
-    """Forward the head and assemble L = CE + Σ weight * aux (Eq. 15), averaged over the E episodes."""
+def episode_step(head: nn.Module, episode: Episode, loss_cfg: Mapping, episodes_per_step: int | None = None
+                 ) -> StepResult:
+    """Forward the head and assemble L = CE + Σ weight * aux (Eq. 15), averaged over the E episodes.
+
+    `loss_cfg.ce`: "mean" averages the cross-entropy over an episode's queries, "sum" adds it up (the
+    released CLIP-SPM code family). `loss_cfg.aux_per_task`: each episode adds its auxiliary losses in
+    full, as the released 16-task accumulation does, rather than a 1/E share: they are then scaled by
+    `episodes_per_step` (default: this batch's E), so that a step split into micro-batches (finetune)
+    and one batched step (heads) give the same gradient.
+    """
     out = head(episode)
     labels = episode.query_labels
     ce = F.cross_entropy(rearrange(out.logits, "e q n -> (e q) n"), labels.flatten())  # mean over queries, episodes
-    loss = ce
+    loss = ce * labels.shape[1] if loss_cfg.get("ce", "mean") == "sum" else ce
+    aux_scale = (episodes_per_step or episode.num_episodes) if loss_cfg.get("aux_per_task", False) else 1
     for name, value in out.aux.items():
-        if name not in AUX_LOSS_WEIGHTS:
-            raise KeyError(f"head returned an auxiliary loss {name!r} with no weight in AUX_LOSS_WEIGHTS")
-        loss = loss + loss_cfg[AUX_LOSS_WEIGHTS[name]] * value
+        weight = AUX_LOSS_WEIGHTS.get(name, name)
+        if weight not in loss_cfg:
+            raise KeyError(f"head returned an auxiliary loss {name!r} with no weight {weight!r} in its loss options")
+        loss = loss + aux_scale * loss_cfg[weight] * value
     accuracy = (out.logits.argmax(-1) == labels).float().mean()
     names = ["loss", "ce", "accuracy", *out.aux]
     values = torch.stack([v.detach().float() for v in (loss, ce, accuracy, *out.aux.values())]).tolist()  # one sync

@@ -91,15 +91,13 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
     A fine-tuned run is paired with a cache of the test split encoded by its tuned tower.
     """
     from clipspm.cache.store import FeatureCache, find_store
-    from clipspm.pipeline.model import build_head
+    from clipspm.pipeline.methods import build_head
     from clipspm.stages.checkpoint import load_checkpoint
     from clipspm.stages.runs import check_cache_fits, load_run_config, load_run_data
 
     cfg = load_run_config(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.get("finetune") is not None and cache_path is None:
-        from clipspm.stages.finetune import tuned_test_cache
-
         cache_path = tuned_test_cache(run_dir, cfg, console=console or Console(stderr=True), checkpoint=checkpoint,
                                       device=str(device))
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
@@ -135,6 +133,26 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     np.save(run_dir / accuracy_file_name(digest), accuracy.astype(np.float32))
     (run_dir / RESULTS_NAME).write_text(json.dumps(asdict(result), indent=1))
     return result
+
+
+def tuned_test_cache(run_dir: Path, cfg: DictConfig, *, console: Console, checkpoint: str = "best",
+                     device: str | None = None, progress: bool = True) -> Path:
+    """The cache of the test split encoded with the run's tuned tower: extracted once, then found again
+    by its address (the settings include the tuned weights' hash). Returns its directory."""
+    from clipspm.cache.store import FeatureCache, find_store
+    from clipspm.stages.checkpoint import tuned_visual_weights
+    from clipspm.stages.extract import ExtractOptions, extract
+
+    weights = tuned_visual_weights(run_dir, checkpoint)
+    with FeatureCache(find_store(Path(cfg.data.cache))) as source:
+        meta = source.meta
+    console.print(f"test features of the tuned tower ({weights})")
+    result = extract(ExtractOptions(
+        dataset=cfg.data.dataset, root=cfg.data.root or meta["dataset_root"], split_dir=cfg.data.split_dir,
+        splits=("test",), backbone=meta["model"], pretrained=meta["pretrained"], weights=weights,
+        num_frames=meta["num_frames"], train_views=0, seed=meta["settings"]["seed"],
+        cache_root=Path(cfg.data.cache_dir), device=device, progress=progress))
+    return result.path
 
 
 def accuracy_file_name(episodes_sha256: str) -> str:

@@ -16,7 +16,7 @@ Validation re-encodes the val split's test views with the current tower (eval mo
 gradients: one forward per val video, no backward) and scores the heads stage's fixed val episodes
 on those features, in memory. Writing a val cache per validation would cost the same encoding
 plus disk traffic and leave a cache nobody reuses. Test evaluation, run once per finished run, does
-go through a cache: `tuned_test_cache` extracts the test split with the tuned tower.
+go through a cache: `evaluate.tuned_test_cache` extracts the test split with the tuned tower.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
-from clipspm.cache.store import FeatureCache, find_store
+from clipspm.cache.store import FeatureCache
 from clipspm.datasets import Dataset as VideoDataset
 from clipspm.datasets import load_dataset
 from clipspm.errors import CacheError, ClipspmError, DatasetError
 from clipspm.pipeline.encoder import ClipModel, feature_width, load_clip
 from clipspm.pipeline.episode import StepResult, episode_step
-from clipspm.pipeline.model import build_head
+from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
 from clipspm.stages import distributed
-from clipspm.stages.checkpoint import checkpoint_dir, load_checkpoint, tuned_visual_weights
+from clipspm.stages.checkpoint import checkpoint_dir, load_checkpoint
 from clipspm.stages.episodes import EpisodeIndex, EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
 from clipspm.stages.runs import (
@@ -104,7 +104,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     head_parameters = [p for p in head.parameters() if p.requires_grad]
     groups = [{"params": head_parameters, "lr": t.lr, "weight_decay": t.weight_decay},
               {"params": tower_parameters, "lr": ft.tower_lr, "weight_decay": ft.tower_weight_decay}]
-    optimizer = torch.optim.Adam([group for group in groups if group["params"]])
+    optimizer = torch.optim.Adam([group for group in groups if group["params"]], betas=tuple(t.betas))
     parameters = head_parameters + tower_parameters
     for parameter in parameters:  # kept allocated and zeroed, never freed: every rank reduces the same buffers
         parameter.grad = torch.zeros_like(parameter)
@@ -149,7 +149,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
                     batch, frames = next(batches)
                     torch.manual_seed(t.seed * 1_000_003 + step * per_step + batch.first)  # dropout: per episode
                     result = forward_episodes(clip, head, batch, frames.to(dist.device, non_blocking=True),
-                                              train.labels, class_text, base_classes, precision, cfg.loss)
+                                              train.labels, class_text, base_classes, precision, cfg.loss, per_step)
                     weight = len(batch.index) / per_step     # this share of the step's mean loss
                     (result.loss * weight).backward()
                     totals = totals + weight * torch.tensor(list(result.metrics.values()))
@@ -245,7 +245,7 @@ def micro_batches(sampler: EpisodeSampler, seed: int, steps: range, per_step: in
 
 def forward_episodes(clip: ClipModel, head: torch.nn.Module, batch: MicroBatch, frames: torch.Tensor,
                      labels: torch.Tensor, class_text: torch.Tensor, base_classes: torch.Tensor, precision: str,
-                     loss_cfg: DictConfig) -> StepResult:
+                     loss_cfg: DictConfig, episodes_per_step: int) -> StepResult:
     """Frames of m episodes -> tower -> an Episode gathered like the heads stage's -> `episode_step`."""
     m, videos, num_frames = frames.shape[:3]
     features = clip.encode_frames(frames.flatten(0, 2), precision)                      # [(m V T), C]
@@ -256,7 +256,7 @@ def forward_episodes(clip: ClipModel, head: torch.nn.Module, batch: MicroBatch, 
                          batch.index.shots, batch.index.queries)
     rows = torch.cat([batch.index.support, batch.index.query], 1).flatten()
     episode = build_episode(local, features, labels[rows].to(features.device), class_text, None, base_classes)
-    return episode_step(head, episode, loss_cfg)
+    return episode_step(head, episode, loss_cfg, episodes_per_step)
 
 
 def sum_over_ranks(parameters: list[torch.nn.Parameter], metrics: torch.Tensor,
@@ -348,9 +348,7 @@ def cached_clip(cache: FeatureCache, device: torch.device) -> ClipModel:
 
 
 def training_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 on CUDA where the GPU has it, else fp32; fp16 is refused (it needs loss scaling)."""
-    if precision == "fp16":
-        raise ClipspmError("finetune.precision=fp16 would need loss scaling; use bf16 (GPUs since Ampere) or fp32")
+    """`auto` is bf16 on CUDA where the GPU has it, else fp32 (the schema refuses fp16: it needs loss scaling)."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return precision
@@ -364,21 +362,3 @@ def out_of_memory(cfg: DictConfig) -> ClipspmError:
         f"--set finetune.micro_episodes=1 (gradients are still accumulated over train.episodes_per_step), "
         f"--set finetune.activation_checkpointing=true, --set finetune.unfreeze=last --set finetune.blocks=N "
         f"(train only the last N blocks), or fewer shots or queries (train.shots, train.queries)")
-
-
-def tuned_test_cache(run_dir: Path, cfg: DictConfig, *, console: Console, checkpoint: str = "best",
-                     device: str | None = None, progress: bool = True) -> Path:
-    """The cache of the test split encoded with the run's tuned tower: extracted once, then found again
-    by its address (the settings include the tuned weights' hash). Returns its directory."""
-    from clipspm.stages.extract import ExtractOptions, extract
-
-    weights = tuned_visual_weights(run_dir, checkpoint)
-    with FeatureCache(find_store(Path(cfg.data.cache))) as source:
-        meta = source.meta
-    console.print(f"test features of the tuned tower ({weights})")
-    result = extract(ExtractOptions(
-        dataset=cfg.data.dataset, root=cfg.data.root or meta["dataset_root"], split_dir=cfg.data.split_dir,
-        splits=("test",), backbone=meta["model"], pretrained=meta["pretrained"], weights=weights,
-        num_frames=meta["num_frames"], train_views=0, seed=meta["settings"]["seed"],
-        cache_root=Path(cfg.data.cache_dir), device=device, progress=progress))
-    return result.path

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from clipspm.pipeline.episode import episode_step
-from clipspm.pipeline.model import build_head
+from clipspm.pipeline.methods import build_head
 from clipspm.stages.checkpoint import load_checkpoint, save_checkpoint
 from clipspm.stages.episodes import EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
@@ -49,7 +49,8 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     torch.manual_seed(t.seed)  # the initial weights, like everything after, follow from the seed
     head = build_head(cfg.model, cfg.loss, train.features.shape[-1]).to(device)
     parameters = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=t.lr, weight_decay=t.weight_decay) if parameters else None
+    optimizer = (torch.optim.Adam(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+                 if parameters else None)
     val_index = val_episodes(cache, cfg, val.labels, val.video_ids)
 
     def validate() -> float:
@@ -87,7 +88,7 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
             views = train.random_views(index, generator)
             episode = build_episode(index, train.features, train.labels, train.class_text, views, base_classes)
             head.train()
-            result = episode_step(head, episode, cfg.loss)
+            result = episode_step(head, episode, cfg.loss, per_step)
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             optimizer.step()

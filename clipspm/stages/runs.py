@@ -18,37 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from clipspm.cache.store import FeatureCache, find_store
-from clipspm.config import load_config, merge_config
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import feature_width
 from clipspm.stages.checkpoint import save_checkpoint
 from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episodes
 
 CONFIG_NAME = "config.yaml"
-
-
-def resolve_config(stage: str, dataset: str | None = None, config_file: str | Path | None = None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Shipped defaults of `stage` (heads, finetune), the dataset's overrides (paper Sec. 4.2:
-    100,000 episodes for SSv2), then the user's file, then `--set key=value`."""
-    base = load_config("heads")
-    if stage == "finetune":
-        base = OmegaConf.merge(base, load_config("finetune"))
-    chosen = dataset or _dataset_in(config_file, overrides) or base.data.dataset
-    per_dataset = load_config("datasets")
-    if chosen in per_dataset:
-        base = OmegaConf.merge(base, per_dataset[chosen])
-    base.data.dataset = chosen
-    return merge_config(base, config_file, overrides)
-
-
-def _dataset_in(config_file, overrides) -> str | None:
-    for item in overrides:
-        if item.startswith("data.dataset="):
-            return item.split("=", 1)[1]
-    if config_file is not None and Path(config_file).is_file():
-        return OmegaConf.select(OmegaConf.load(config_file), "data.dataset")
-    return None
 
 
 def default_run_dir(cfg: DictConfig, stage: str, runs_root: Path = Path("runs")) -> Path:
@@ -69,10 +44,15 @@ def backbone_of(cfg: DictConfig) -> str:
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
+    """A run's resolved config, validated again (keys added to the schema since it was written take their
+    defaults)."""
+    from clipspm.config import validate_config
+
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise ClipspmError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); runs are made by `clipspm train`")
-    return OmegaConf.load(path)
+    loaded = OmegaConf.load(path)
+    return validate_config(loaded, "finetune" if "finetune" in loaded else "heads")
 
 
 def prepare_run_dir(run_dir: Path, cfg: DictConfig, *, resume: bool) -> None:

@@ -29,9 +29,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from clipspm.config import CONFIG_DIR
+from clipspm.config import CONFIG_DIR, resolve_config
 from clipspm.errors import ClipspmError
-from clipspm.stages.runs import resolve_config
 
 SUITES_DIR = CONFIG_DIR / "suites"
 SUITE_FILE = "suite.yaml"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from clipspm.config import resolve_config
 from clipspm.stages.evaluate import compare_runs, evaluate_run, finished_result
 from clipspm.stages.heads import train_heads
-from clipspm.stages.runs import CONFIG_NAME, resolve_config
+from clipspm.stages.runs import CONFIG_NAME
 
 VARIANTS = [("CLIP-SPM", "clipspm"), ("OTAM (CLIP features)", "otam"), ("ProtoNet", "protonet")]
 

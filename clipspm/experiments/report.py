@@ -20,11 +20,11 @@ from rich.console import Console
 from sklearn.manifold import TSNE
 
 from clipspm.config import CONFIG_DIR
-from clipspm.stages import figures
+from clipspm.experiments import figures
+from clipspm.experiments.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of
 from clipspm.stages.episodes import EpisodeIndex, build_episode
 from clipspm.stages.evaluate import compare_runs, finished_result, open_test_run
 from clipspm.stages.runs import metrics_path
-from clipspm.stages.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of
 
 PAPER_RESULTS = CONFIG_DIR / "paper_results.yaml"
 EMBEDDING_CLASSES, EMBEDDING_VIDEOS = 5, 40      # Fig. 6: five classes, 40 test videos each

@@ -1,50 +1,50 @@
-"""Baseline heads that run from the same cache (SPEC section 2.8): ProtoNet and CLIP-FSAR.
-
-The OTAM baseline is the CLIP-SPM head with every part switched off (`build_head(kind="otam")`).
-"""
+"""CLIP-FSAR (Wang et al., IJCV 2023): text-conditioned prototype modulation + OTAM (SPEC section 2.8)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from einops import reduce, repeat
+from pydantic import Field
 from torch import Tensor, nn
 
 from clipspm.errors import ClipspmError
-from clipspm.pipeline.episode import Episode, HeadOutput
+from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.losses import video_text_loss
-from clipspm.pipeline.otam import frame_distances, otam_distance
+from clipspm.pipeline.methods.registry import Method, register_method
+from clipspm.pipeline.otam import otam_distance
 from clipspm.pipeline.semantic_fusion import MAX_FRAMES, TransformerLayer
+from clipspm.schema import LossOptions, ModelOptions
 
 
-class ProtoNetHead(nn.Module):
-    """Prototypical network on time-averaged features: logits = cos - 1 to the class means. No parameters."""
+class CLIPFSAROptions(ModelOptions):
+    kind: Literal["clipfsar"] = "clipfsar"
+    otam_lambda: float = Field(0.5, gt=0, description="soft-min temperature of OTAM")
+    otam_bidirectional: bool = Field(True, description="SeqDis = OTAM(D) + OTAM(D^T); false: query-to-support only")
+    num_heads: int = Field(8, ge=1, description="attention heads of the temporal transformer; must divide C")
+    mlp_ratio: float = Field(4.0, gt=0, description="transformer MLP width / C")
+    dropout: float = Field(0.1, ge=0, lt=1, description="transformer dropout")
 
-    def forward(self, episode: Episode) -> HeadOutput:
-        protos = reduce(episode.support, "e (n k) t c -> e n c", "mean", k=episode.shots)   # [E, N, C]
-        query = reduce(episode.query, "e q t c -> e q c", "mean")                           # [E, NM, C]
-        logits = -frame_distances(query, protos)                                            # [E, NM, N]
-        return HeadOutput(logits=logits, query_features=episode.query)
+
+class CLIPFSARLoss(LossOptions):
+    video_text: float = Field(1.0, ge=0, description="weight of the video-text contrastive loss over the base classes")
 
 
 class CLIPFSARHead(nn.Module):
-    """CLIP-FSAR (Wang et al., IJCV 2023): text-conditioned prototype modulation + OTAM.
-
-    Each support's frames, with its class text as an extra token, go through a temporal transformer;
+    """Each support's frames, with its class text as an extra token, go through a temporal transformer;
     queries go through the same transformer without text. Prototypes are the mean over shots, the
     metric is OTAM. In training, with `episode.base_text`, the time-averaged outputs of supports and
     queries are classified against all base-class texts (aux "video_text"; learned temperature).
     """
 
-    def __init__(self, dim: int, model_cfg: Mapping):
+    def __init__(self, dim: int, options: CLIPFSAROptions):
         super().__init__()
-        self.otam_lambda = float(model_cfg["otam_lambda"])
-        self.bidirectional = bool(model_cfg["otam_bidirectional"])
+        self.otam_lambda, self.bidirectional = options.otam_lambda, options.otam_bidirectional
         self.position = nn.Parameter(torch.zeros(1 + MAX_FRAMES, dim))    # slot 0: the text token
         nn.init.trunc_normal_(self.position, std=0.02)
-        self.transformer = TransformerLayer(dim, model_cfg["num_heads"], model_cfg["mlp_ratio"], model_cfg["dropout"])
+        self.transformer = TransformerLayer(dim, options.num_heads, options.mlp_ratio, options.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     def modulate(self, frames: Tensor, text: Tensor | None = None) -> Tensor:
@@ -62,8 +62,7 @@ class CLIPFSARHead(nn.Module):
         support = self.modulate(episode.support.flatten(0, 1), episode.support_text().flatten(0, 1))
         query = self.modulate(episode.query.flatten(0, 1))
         support, query = support.unflatten(0, (e, -1)), query.unflatten(0, (e, -1))      # [E, NK|NM, T, C]
-        protos = reduce(support, "e (n k) t c -> e n t c", "mean", k=k)
-        logits = -otam_distance(query, protos, self.otam_lambda, self.bidirectional)
+        logits = -otam_distance(query, class_prototypes(support, k), self.otam_lambda, self.bidirectional)
         aux = {}
         if self.training and episode.base_text is not None:
             videos = reduce(torch.cat([support, query], 1), "e v t c -> e v c", "mean")
@@ -71,3 +70,11 @@ class CLIPFSARHead(nn.Module):
                                 torch.gather(episode.class_ids, 1, episode.query_labels)], 1)    # [E, V]
             aux["video_text"] = video_text_loss(videos, episode.base_text, labels, self.logit_scale)
         return HeadOutput(logits=logits, aux=aux, query_features=query)
+
+
+register_method(Method(
+    name="clipfsar", title="CLIP-FSAR", paper="Wang et al., CLIP-guided Prototype Modulating for Few-shot Action "
+                                               "Recognition, IJCV 2023",
+    code="github.com/alibaba-mmai-research/CLIP-FSAR (models/base/few_shot.py, CNN_OTAM_CLIPFSAR)",
+    build=lambda model, loss, dim: CLIPFSARHead(dim, model), model_options=CLIPFSAROptions,
+    loss_options=CLIPFSARLoss, needs=("frames", "class_text", "base_text")))

@@ -30,13 +30,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from clipspm.config import resolve_config
 from clipspm.errors import ClipspmError
-from clipspm.stages.checkpoint import checkpoint_dir
-from clipspm.stages.evaluate import evaluate_run, finished_result
-from clipspm.stages.heads import train_heads
-from clipspm.stages.report import ReportResult, write_report
-from clipspm.stages.runs import CONFIG_NAME, load_run_config, open_run_cache, resolve_config
-from clipspm.stages.suites import (
+from clipspm.experiments.report import ReportResult, write_report
+from clipspm.experiments.suites import (
     SuiteSettings,
     Variant,
     load_suite,
@@ -46,6 +43,10 @@ from clipspm.stages.suites import (
     variant_config,
     write_suite_dir,
 )
+from clipspm.stages.checkpoint import checkpoint_dir
+from clipspm.stages.evaluate import evaluate_run, finished_result
+from clipspm.stages.heads import train_heads
+from clipspm.stages.runs import CONFIG_NAME, load_run_config, open_run_cache
 from clipspm.system import usable_cores
 
 
