@@ -73,7 +73,8 @@ def test_heads_give_logits_of_every_query_for_every_class(kind, shots):
         out = head(episode)
         assert out.logits.shape == (3, 5 * 2, 5)
         assert torch.isfinite(out.logits).all()
-        expected_aux = {"clipspm": {"hsmr", "spm"}, "clipfsar": {"video_text"}}.get(kind, set()) if training else set()
+        expected_aux = ({"clipspm": {"hsmr", "spm"}, "clipfsar": {"video_text"}, "hyrsm": {"classification"}}
+                        .get(kind, set()) if training else set())
         assert set(out.aux) == expected_aux
         assert all(value.ndim == 0 and torch.isfinite(value) for value in out.aux.values())
 
@@ -307,8 +308,8 @@ def test_episode_step_weighs_each_auxiliary_loss():
 
 
 def test_unknown_kind_and_heads_not_dividing_width_are_clear_errors():
-    with pytest.raises(ClipspmError, match="unknown model.kind 'trx'.*clipspm"):
-        make_head(kind="trx")
+    with pytest.raises(ClipspmError, match="unknown model.kind 'no-such-method'.*clipspm"):
+        make_head(kind="no-such-method")
     with pytest.raises(ClipspmError, match="num_heads=5 does not divide .* C=32"):
         make_head(num_heads=5)
     with pytest.raises(ClipspmError, match=r"unknown config key model.num_heads \(model.kind=otam\)"):
