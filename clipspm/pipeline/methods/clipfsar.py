@@ -3,8 +3,7 @@
 Read from github alibaba-mmai-research/CLIP-FSAR (`models/base/few_shot.py`, `CNN_OTAM_CLIPFSAR`, its
 `Transformer_v1`; the loss in `runs/train_net_few_shot.py`; per-dataset values in
 `configs/projects/CLIPFSAR/`, kept in `clipspm/configs/methods/clipfsar.yaml`). Parity with that code:
-tests/fixtures/clipfsar. What differs from a reading of the paper is listed in
-docs/readme-parts/methods-fsar-sten.md.
+tests/fixtures/clipfsar.
 """
 
 from __future__ import annotations
