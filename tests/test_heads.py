@@ -191,7 +191,8 @@ def test_padm_is_permutation_equivariant_over_queries():
 def test_batched_episodes_equal_separate_episodes(kind):
     # One step over E episodes is the paper's accumulation over E episodes: same loss, same gradient.
     torch.manual_seed(0)
-    model_cfg, loss_cfg = configs(kind=kind, dropout=0.0)
+    no_dropout = {key: 0.0 for key in get_method(kind).model_options.model_fields if "dropout" in key}
+    model_cfg, loss_cfg = configs(kind=kind, **no_dropout)
     head = build_head(model_cfg, loss_cfg, DIM).double().train()
     episode = make_episode(episodes=3, shots=3, dtype=torch.float64)
     params = list(head.parameters())
