@@ -338,7 +338,8 @@ class FeatureCache:
         its chunk files looked for, a file lookup per chunk: the check on opening a cache."""
         damage = self._class_damage()
         blocks = sorted(range(self.num_blocks) if blocks is None else blocks)
-        lost = [item for item in self._lost_chunks() if item.block in blocks]
+        wanted = set(blocks)
+        lost = [item for item in self._lost_chunks() if item.block in wanted]
         if not read_blocks:
             return damage + lost
         block_bytes = self.block_size * int(np.prod(self.shape[1:])) * 2
