@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clipspm.errors import ClipspmError
@@ -51,7 +52,7 @@ def main() -> None:
     try:
         app()
     except ClipspmError as error:
-        err_console.print(f"[bold red]error:[/] {error}")
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)   # commands in it stay whole
         sys.exit(2)
 
 
@@ -118,14 +119,24 @@ def extract(
 
 
 def _print_extract_summary(result) -> None:
+    from clipspm.cache.checksum import count_of
+
     table = Table(title="extraction", show_header=False)
     table.add_row("cache", str(result.path))
     table.add_row("videos", f"{result.done} done, {result.failed} failed, {result.total} in all")
+    recorded = f"; recorded the checksums of {result.checksums_recorded} blocks" if result.checksums_recorded else ""
     if result.reused:
-        table.add_row("this run", "reused the finished cache, encoded nothing")
+        table.add_row("this run", "reused the finished cache (checked sound), encoded nothing" + recorded)
     else:
-        table.add_row("this run", f"encoded {result.encoded_now} videos in {result.seconds:.1f} s "
-                                  f"({result.videos_per_second:.1f} videos/s)" + (", resumed" if result.resumed else ""))
+        repaired = ""
+        if result.repaired:
+            arrays = [item.array for item in result.repaired if item.block is None]
+            repaired = (f"repaired {count_of(result.repaired_blocks, 'block')} "
+                        f"({count_of(result.repaired_videos, 'video')})"
+                        + (f" and rewrote {', '.join(arrays)}" if arrays else "") + ": ")
+        table.add_row("this run", repaired + f"encoded {result.encoded_now} videos in {result.seconds:.1f} s "
+                                  f"({result.videos_per_second:.1f} videos/s)" + (", resumed" if result.resumed else "")
+                                  + recorded)
     console.print(table)
     if result.failures:
         console.print(f"[yellow]{result.failed} videos failed[/] (skipped; see `clipspm cache info {result.path}`):")
@@ -173,15 +184,23 @@ def cache_info(
 
 @cache_app.command("verify")
 def cache_verify(path: Annotated[Path, typer.Argument(help="Cache directory (or the store inside it).")]) -> None:
-    """Read every array of a cache: no unreadable chunk, no NaN, in-range indices, counts that agree. Exit 1 if not."""
+    """Read every array of a cache: every block matches its checksum, no NaN, in-range indices, counts that agree.
+    Exit 1 if not, naming the damaged blocks and the extract command that repairs them."""
     import clipspm.cache
     from clipspm.cache.inspect import verify
 
     with clipspm.cache.open(path) as cache:
         problems = verify(cache)
+        repair, checksummed = cache.repair_command(), cache.has_checksums
+    if not checksummed:
+        console.print(f"[yellow]note:[/] {escape(str(path))} was made before checksums were kept: its blocks were "
+                      f"checked only for lost or undecodable chunks; to record checksums run: {escape(repair)}",
+                      soft_wrap=True)
     if problems:
         for problem in problems:
-            console.print(f"[red]✗[/] {problem}")
+            console.print(f"[red]✗[/] {escape(problem)}", soft_wrap=True)
+        console.print(f"Damaged blocks are encoded again (and an unfinished extraction resumed) by: {escape(repair)}",
+                      soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]✓[/] {path} verified")
 

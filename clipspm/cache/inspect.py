@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 
 from clipspm.cache.store import DONE, FAILED, PENDING, FeatureCache
+from clipspm.errors import CacheError
 
 
 def describe(cache: FeatureCache) -> dict:
@@ -34,13 +35,22 @@ def describe(cache: FeatureCache) -> dict:
     }
 
 
-def verify(cache: FeatureCache, block: int = 1024) -> list[str]:
+def verify(cache: FeatureCache) -> list[str]:
     """Every problem found, as sentences; an empty list means the cache is sound.
 
-    Reads every feature chunk (so unreadable chunks surface), checks that done videos have finite
-    features and in-range frame indices, that failed videos say why, and that counts agree with the
-    provenance summary.
+    Checks every block against its checksum (so lost, garbled and changed chunks surface, see
+    `FeatureCache.check`), that done videos have finite features and in-range frame indices, that
+    failed videos say why, and that counts agree with the provenance summary.
     """
+    problems = [f"{item.where} {item.reason}" for item in cache.check()]
+    try:
+        return problems + _consistency(cache)
+    except CacheError as error:   # an array that cannot be read at all (its blocks are named above)
+        return problems + [str(error)]
+
+
+def _consistency(cache: FeatureCache) -> list[str]:
+    """What the values must satisfy, whatever the checksums say."""
     problems: list[str] = []
     status = cache.status
     n, views, frames, dim = cache.shape
@@ -61,27 +71,18 @@ def verify(cache: FeatureCache, block: int = 1024) -> list[str]:
                                "total": int(n)}:
         problems.append(f"status counts do not match the recorded summary {summary}")
 
-    if cache.format == "zarr":
-        block_size = cache.features.chunks[0]
-        written = {int(row) // block_size for row in np.flatnonzero(status == DONE)}
-        stored = cache.features.nchunks_initialized
-        if stored < len(written):
-            problems.append(f"features of {len(written) - stored} blocks of done videos are missing from the store")
-
-    source_frames = cache.numbers("num_source_frames")
-    step = cache.features.chunks[0] if cache.format == "zarr" else block
+    step = cache.block_size
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         done = status[rows] == DONE
-        features = _read(cache, "features", rows, problems)
+        features = _read(cache, "features", rows)
         if features is not None:
             finite = np.isfinite(features.astype(np.float32)).reshape(len(features), -1).all(axis=1)
             problems += [f"video {start + i} has NaN or infinite features" for i in np.flatnonzero(done & ~finite)]
-        indices = _read(cache, "frame_indices", rows, problems)
-        if indices is not None:
-            limit = source_frames[rows][:, None, None]
-            outside = ((indices < 0) | (indices >= limit)).reshape(len(indices), -1).any(axis=1)
-            problems += [f"video {start + i} has frame indices outside its {source_frames[start + i]} frames"
+        indices, source_frames = _read(cache, "frame_indices", rows), _read(cache, "num_source_frames", rows)
+        if indices is not None and source_frames is not None:
+            outside = ((indices < 0) | (indices >= source_frames[:, None, None])).reshape(len(indices), -1).any(axis=1)
+            problems += [f"video {start + i} has frame indices outside its {source_frames[i]} frames"
                          for i in np.flatnonzero(done & outside)]
 
     errors = cache.errors
@@ -103,11 +104,11 @@ def verify(cache: FeatureCache, block: int = 1024) -> list[str]:
     return problems
 
 
-def _read(cache: FeatureCache, name: str, rows: slice, problems: list[str]) -> np.ndarray | None:
+def _read(cache: FeatureCache, name: str, rows: slice) -> np.ndarray | None:
+    """The rows, or None when a chunk cannot be decoded (`check` has already named its block)."""
     try:
         return np.asarray(cache.array(name)[rows])
-    except Exception as error:  # a damaged chunk raises whatever its codec raises
-        problems.append(f"{name} of rows {rows.start}-{rows.stop - 1} cannot be read: {error}")
+    except Exception:  # a damaged chunk raises whatever its codec raises
         return None
 
 

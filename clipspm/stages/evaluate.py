@@ -102,6 +102,7 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
                                       device=str(device))
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
     check_cache_fits(cache, cfg)
+    cache.refuse(cache.check(read_blocks=False))   # the class arrays; load_run_data checks the test blocks it reads
     test = load_run_data(cache, cfg, "test", device, test_view=True)
     head = build_head(cfg.model, cfg.loss, test.features.shape[-1]).to(device)
     load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint, heads=head)

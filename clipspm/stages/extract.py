@@ -4,8 +4,11 @@
     frames of many videos, autocast on CUDA) -> blocks of videos written to the store
 
 The same command run twice reuses the cache; a killed run resumes at the first unfinished block;
-a bad video is recorded with its reason and skipped. Under torchrun the pending blocks are
-shared out across ranks, which all write into the one store.
+a bad video is recorded with its reason and skipped. Every run on an existing store first checks
+it (clipspm/cache/checksum.py): blocks that fail their checksum are encoded again with the pending
+ones, damaged class arrays and text features are rewritten, so the same command repairs a cache.
+Under torchrun the blocks to encode are shared out across ranks, which all write into the one
+store (an HDF5 file being repaired is written by rank 0 alone).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader
 
 import clipspm
 from clipspm.cache.address import cache_path
+from clipspm.cache.checksum import Damage, count_of
 from clipspm.cache.store import (
     DONE,
     FAILED,
@@ -71,21 +75,34 @@ class ExtractOptions:
     device: str | None = None
     block: int = DEFAULTS.run.block
     progress: bool = True
+    # An existing store's written blocks are read and checked against their checksums (False: only
+    # their chunk files are looked for, when the caller checks what it reads, as training does).
+    check_blocks: bool = True
 
 
 @dataclass
 class ExtractResult:
     path: Path                 # the cache directory
     store: Path                # the Zarr store or HDF5 file inside it
-    reused: bool               # an identical finished cache existed: nothing was encoded
+    reused: bool               # an identical finished cache existed and checked sound: nothing was encoded
     resumed: bool              # an unfinished run of the same settings was continued
     total: int
     done: int
     failed: int
-    encoded_now: int
+    encoded_now: int           # videos encoded by this call: pending and repaired
     seconds: float             # the whole call: model and prompts, store, videos
     encode_seconds: float      # of which decoding, encoding and writing the videos (what grows with the dataset)
     failures: list[tuple[str, str]] = field(default_factory=list)   # (video id, reason)
+    repaired: list[Damage] = field(default_factory=list)   # damaged blocks and arrays of a finished cache, redone
+    checksums_recorded: int = 0    # blocks of a cache made before checksums, whose checksums were recorded now
+
+    @property
+    def repaired_blocks(self) -> int:
+        return sum(item.block is not None for item in self.repaired)
+
+    @property
+    def repaired_videos(self) -> int:
+        return sum(len(item.rows) for item in self.repaired if item.block is not None)
 
     @property
     def videos_per_second(self) -> float:
@@ -115,46 +132,106 @@ def extract(options: ExtractOptions) -> ExtractResult:
     path = cache_path(options.cache_root, settings)
     final = path / STORE_NAMES[options.format]
 
-    if final.exists():
-        with FeatureCache(final) as cache:
-            if cache.complete:
-                _check_same_settings(cache.meta, settings, final)
-                console.print(f"[green]reusing cache[/] {path} (same settings; nothing to extract)")
-                return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=True,
-                               resumed=False, encoded_now=0, seconds=time.perf_counter() - started,
-                               encode_seconds=0.0)
-    working = final if options.format == "zarr" else path / STAGING_NAME
-    resumed = working.exists()
-    if dist.is_main and not resumed:
+    working = final if options.format == "zarr" or final.exists() else path / STAGING_NAME
+    fresh = not working.exists()
+    if dist.is_main and fresh:
         _create(working, dataset, clip, views, settings, options)
     dist.barrier()
-    writer = StoreWriter(working)
-    _check_same_settings(writer.meta, settings, working)
-    pending = writer.pending_blocks(options.block)
-    dist.barrier()  # every rank shares out the same pending list before any rank writes
-    if dist.is_main and not writer.meta["text_done"]:
-        writer.write_text(text_features(clip, dataset))
-    if resumed:
-        console.print(f"resuming {path}: {len(pending)} of {-(-len(dataset.videos) // options.block)} blocks left")
-    mine = pending[dist.rank::dist.world_size]
+    solo = working.suffix == ".h5"    # one process writes an HDF5 file
+    writer = StoreWriter(working) if dist.is_main or not solo else None
+    if writer is not None:
+        _check_same_settings(writer.meta, settings, working)
+        options = replace(options, block=writer.block_size)   # the store's blocks, whatever --block says now
+    if dist.is_main and "extract_args" not in writer.meta:   # a store made before it was recorded
+        writer.update_meta(extract_args=extract_args(options, dataset))
+    plan = _share(_plan(writer, options.check_blocks) if dist.is_main else None, dist)   # the same plan on every rank
+    blocks = sorted({*plan.pending, *(item.block for item in plan.damaged if item.block is not None)})
+    if dist.is_main:
+        _report_plan(plan, path, writer.num_blocks, fresh, options.check_blocks, console)
+        damaged_arrays = {item.array for item in plan.damaged if item.block is None}
+        if damaged_arrays - {"text_features"}:
+            writer.write_classes(**{name: values for name, values in _class_arrays(dataset).items()
+                                    if name in damaged_arrays})
+        if not writer.meta["text_done"] or "text_features" in damaged_arrays:
+            writer.write_text(text_features(clip, dataset))
+    if plan.finished and not plan.damaged:
+        if writer is not None:
+            writer.close()
+        with FeatureCache(final) as cache:
+            return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=True, resumed=False,
+                           encoded_now=0, seconds=time.perf_counter() - started, encode_seconds=0.0,
+                           checksums_recorded=plan.recorded)
+    mine = (blocks if dist.is_main else []) if solo else blocks[dist.rank::dist.world_size]
     encode_started = time.perf_counter()
     with _encoder_threads(clip.device, options.workers):
         encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
     encode_seconds = time.perf_counter() - encode_started
 
     dist.barrier()
-    status = writer.status()
     if dist.is_main:
+        status = writer.status
         summary = {"done": int((status == DONE).sum()), "failed": int((status == FAILED).sum()),
                    "total": int(status.size)}
-        writer.update_meta(complete=True, summary=summary,
-                           completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        if options.format == "hdf5":
-            convert_to_hdf5(working, final)
+        when = {"repaired" if plan.finished else "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        writer.update_meta(complete=True, summary=summary, **when)
+    if writer is not None:
+        writer.close()
+    if dist.is_main and working != final:
+        convert_to_hdf5(working, final)
     dist.barrier()
     with FeatureCache(final) as cache:
-        return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=False, resumed=resumed,
-                       encoded_now=encoded, seconds=time.perf_counter() - started, encode_seconds=encode_seconds)
+        return _result(path, final, cache.status, cache.video_ids, cache.errors, reused=False,
+                       resumed=not fresh and not plan.finished, encoded_now=encoded,
+                       seconds=time.perf_counter() - started, encode_seconds=encode_seconds,
+                       repaired=plan.damaged if plan.finished else [], checksums_recorded=plan.recorded)
+
+
+@dataclass
+class _Plan:
+    """What an extraction run has to do to a store, decided by rank 0 before anything is encoded."""
+
+    finished: bool              # the store was complete when this run began
+    pending: list[int]          # blocks never written
+    damaged: list[Damage]       # blocks to encode again, arrays to rewrite: they fail their check
+    recorded: int               # blocks of a store made before checksums whose checksums were recorded now
+
+
+def _plan(writer: StoreWriter, check_blocks: bool) -> _Plan:
+    """Check every written block of the store (a fresh store has none: nothing is read). A store made
+    before checksums gets them now for its blocks that show no damage."""
+    pending = [] if writer.complete else writer.pending_blocks()
+    written = sorted(set(range(writer.num_blocks)) - set(pending))
+    damaged = writer.check(written, read_blocks=check_blocks)
+    recorded = 0
+    if not writer.has_checksums and check_blocks:
+        broken = {item.block for item in damaged}
+        recorded = writer.record_checksums(block for block in written if block not in broken)
+    return _Plan(writer.complete, pending, damaged, recorded)
+
+
+def _share(plan: _Plan | None, dist: distributed.Distributed) -> _Plan:
+    if dist.enabled:
+        box = [plan]
+        torch.distributed.broadcast_object_list(box, src=0)
+        plan = box[0]
+    return plan
+
+
+def _report_plan(plan: _Plan, path: Path, num_blocks: int, fresh: bool, checked: bool, console: Console) -> None:
+    if plan.recorded:
+        console.print(f"recorded the checksums of {plan.recorded} blocks of {path} (made before checksums were kept)")
+    if plan.damaged:
+        blocks = [item for item in plan.damaged if item.block is not None]
+        console.print(f"[yellow]repairing[/] {path}: {count_of(len(blocks), 'damaged block')} "
+                      f"({count_of(sum(len(item.rows) for item in blocks), 'video')}) to encode again"
+                      + "".join(f", {item.array} to rewrite" for item in plan.damaged if item.block is None))
+        for item in plan.damaged[:10]:
+            console.print(f"  {item.where} {item.reason}", markup=False)
+    if plan.finished and not plan.damaged:
+        console.print(f"[green]reusing cache[/] {path} (same settings{', every block checked' if checked else ''}; "
+                      f"nothing to extract)")
+    elif not fresh and not plan.finished:
+        console.print(f"resuming {path}: {len(plan.pending)} of {num_blocks} blocks left")
 
 
 def view_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel) -> ViewSettings:
@@ -252,23 +329,50 @@ def _create(working: Path, dataset: Dataset, clip: ClipModel, views: ViewSetting
         "templates": list(prompt_templates()),
         "split_hash": dataset.split_hash,
         "seed": options.seed,
-        "block": options.block,
         "precision": resolve_precision(options.precision, clip.device),
         "format": options.format,
+        "extract_args": extract_args(options, dataset),
     }
     staging = working.with_name(working.name + ".creating")
     if staging.exists():
         shutil.rmtree(staging)
-    index = dataset.class_index()
-    create_store(staging, shape,
-                 video_ids=[video.key for video in dataset.videos],
-                 labels=np.asarray([index[video.class_key] for video in dataset.videos]),
-                 split=[video.split for video in dataset.videos],
-                 class_keys=[entry.key for entry in dataset.classes],
-                 class_texts=[entry.text for entry in dataset.classes],
-                 class_splits=[entry.split for entry in dataset.classes], meta=meta)
+    create_store(staging, shape, **_class_arrays(dataset), meta=meta)
     working.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(working)
+
+
+def _class_arrays(dataset: Dataset) -> dict:
+    """The arrays a store is created with (and rewritten from, when damaged)."""
+    index = dataset.class_index()
+    return {"video_ids": [video.key for video in dataset.videos],
+            "labels": np.asarray([index[video.class_key] for video in dataset.videos], dtype="int32"),
+            "split": [video.split for video in dataset.videos],
+            "class_keys": [entry.key for entry in dataset.classes],
+            "class_texts": [entry.text for entry in dataset.classes],
+            "class_splits": [entry.split for entry in dataset.classes]}
+
+
+def extract_args(options: ExtractOptions, dataset: Dataset) -> list[str]:
+    """The `clipspm extract` options that address this cache (paths made absolute): the command a
+    damaged cache names to repair it, with `--cache-dir` where the cache is found."""
+    args = ["--dataset", options.dataset, "--root", str(Path(dataset.root).resolve())]
+    if options.split_dir is not None:
+        args += ["--split-dir", str(Path(options.split_dir).resolve())]
+    splits = [split for split in SPLITS if split in options.splits]
+    if splits != list(SPLITS):
+        args += ["--splits", ",".join(splits)]
+    if options.backbone is not None:
+        args += ["--backbone", options.backbone]
+    if options.pretrained is not None:
+        local = Path(options.pretrained)
+        args += ["--pretrained", str(local.resolve()) if local.is_file() else options.pretrained]
+    if options.weights is not None:
+        args += ["--weights", str(Path(options.weights).resolve())]
+    args += ["--num-frames", str(options.num_frames), "--train-views", str(options.train_views),
+             "--seed", str(options.seed)]
+    if options.format != "zarr":
+        args += ["--format", options.format]
+    return args
 
 
 def _check_same_settings(meta: dict, settings: dict, where: Path) -> None:
@@ -362,10 +466,11 @@ def _encode(clip: ClipModel, items: list[VideoItem], precision: str, batch_frame
 
 
 def _result(path: Path, store: Path, status: np.ndarray, video_ids: np.ndarray, errors: np.ndarray, *,
-            reused: bool, resumed: bool, encoded_now: int, seconds: float,
-            encode_seconds: float) -> ExtractResult:
+            reused: bool, resumed: bool, encoded_now: int, seconds: float, encode_seconds: float,
+            repaired: list[Damage] | None = None, checksums_recorded: int = 0) -> ExtractResult:
     failed_rows = np.flatnonzero(status == FAILED)
     return ExtractResult(path=path, store=store, reused=reused, resumed=resumed, total=int(status.size),
                          done=int((status == DONE).sum()), failed=int(failed_rows.size), encoded_now=encoded_now,
                          seconds=seconds, encode_seconds=encode_seconds,
-                         failures=[(str(video_ids[i]), str(errors[i])) for i in failed_rows])
+                         failures=[(str(video_ids[i]), str(errors[i])) for i in failed_rows],
+                         repaired=repaired or [], checksums_recorded=checksums_recorded)

@@ -144,8 +144,9 @@ def save_validation(run_dir: Path, score: float, *, step: int, episode: int, bes
 
 def open_run_cache(cfg: DictConfig, run_dir: Path, *, resume: bool, console: Console) -> FeatureCache:
     """The cache the run trains from: the one it recorded (resume), the one named in `data.cache`,
-    or the one its data settings address (extracted now if missing). Refused before anything
-    trains if it does not fit the run's dataset, backbone, T or width."""
+    or the one its data settings address (extracted now if missing, repaired if damaged). Refused
+    before anything trains if it does not fit the run's dataset, backbone, T or width, or if it is
+    damaged (the message names the blocks and the extract command that repairs them)."""
     data = cfg.data
     if data.cache:
         cache = FeatureCache(find_store(Path(data.cache)))
@@ -154,13 +155,14 @@ def open_run_cache(cfg: DictConfig, run_dir: Path, *, resume: bool, console: Con
 
         options = ExtractOptions(dataset=data.dataset, root=data.root, split_dir=data.split_dir,
                                  backbone=data.backbone, pretrained=data.pretrained, cache_root=Path(data.cache_dir),
-                                 seed=data.seed)
+                                 seed=data.seed, check_blocks=False)   # load_run_data checks what it reads
         for name in ("num_frames", "train_views"):
             if data[name] is not None:
                 setattr(options, name, data[name])
         result = extract(options)
         cache = FeatureCache(result.store)
     check_cache_fits(cache, cfg)
+    cache.refuse(cache.check(read_blocks=False))   # lost chunks of any split; load_split checks what it reads
     recorded = cfg.data.get("cache_key")
     if resume and recorded and recorded != cache.meta["settings"]:
         raise CacheError(f"{cache.store_path} is not the cache {run_dir} was trained from; resume with that cache")
@@ -209,7 +211,8 @@ class RunData:
 
 def load_run_data(cache: FeatureCache, cfg: DictConfig, split: str, device: torch.device, *,
                   test_view: bool = False) -> RunData:
-    """Read a split once and move it to `device`; `test_view` keeps only view 0 (val/test)."""
+    """Read a split once, checked against the cache's checksums, and move it to `device`; `test_view`
+    keeps only view 0 (val/test)."""
     views = [0] if test_view else slice(None)
     loaded = cache.load_split(split, views)
     if loaded.rows.size == 0:
