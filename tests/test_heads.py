@@ -73,7 +73,8 @@ def test_heads_give_logits_of_every_query_for_every_class(kind, shots):
         out = head(episode)
         assert out.logits.shape == (3, 5 * 2, 5)
         assert torch.isfinite(out.logits).all()
-        expected_aux = ({"clipspm": {"hsmr", "spm"}, "clipfsar": {"video_text"}, "hyrsm": {"classification"}}
+        expected_aux = ({"clipspm": {"hsmr", "spm"}, "clipfsar": {"video_text"}, "hyrsm": {"classification"},
+                         "cpm2c": {"consistency", "video_text"}, "clipmei": {"consistency", "prompt", "motion"}}
                         .get(kind, set()) if training else set())
         assert set(out.aux) == expected_aux
         assert all(value.ndim == 0 and torch.isfinite(value) for value in out.aux.values())
