@@ -1,5 +1,6 @@
-"""Layers as the released code of the CLIP-MEI / CLIP-CPM2C / CLIP-SPM family writes them (their
-`models/myRes.py`), for the heads that reproduce that code (`methods/cpm2c.py`, `methods/clipmei.py`).
+"""Layers as the released code of the CLIP-FSAR family writes them (CLIP-FSAR `models/base/few_shot.py`;
+CLIP-MEI, CLIP-CPM2C, CLIP-SPM `models/myRes.py`: the same `Transformer_v1`, `FeedForward`, `cos_sim`),
+for the heads that reproduce that code (`methods/clipfsar.py`, `sten.py`, `cpm2c.py`, `clipmei.py`).
 
 They differ from the paper-reading modules of this package (`semantic_fusion`, `hsmr`) in ways that
 move results by more than 1e-5: cosine with +0.01 in the denominator, one LayerNorm shared by q, k
@@ -18,11 +19,11 @@ from clipspm.pipeline.otam import otam_cumulative
 COSINE_EPSILON = 0.01   # their cos_sim: x·y / (|x| |y| + 0.01), an offset rather than a clamp
 
 
-def cosine_similarity(x: Tensor, y: Tensor, epsilon: float = COSINE_EPSILON) -> Tensor:
-    """[..., A, C], [..., B, C] -> [..., A, B], leading dims broadcast."""
-    dot = x @ y.transpose(-1, -2)
-    norms = x.norm(dim=-1, keepdim=True) @ y.norm(dim=-1, keepdim=True).transpose(-1, -2)
-    return dot / (norms + epsilon)
+def released_cosine(x: Tensor, y: Tensor) -> Tensor:
+    """Their cosine of every row of x with every row of y: [..., A, C], [..., B, C] -> [..., A, B];
+    leading dims broadcast."""
+    norms = x.norm(dim=-1).unsqueeze(-1) * y.norm(dim=-1).unsqueeze(-2)
+    return x @ y.transpose(-1, -2) / (norms + COSINE_EPSILON)
 
 
 def released_otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidirectional: bool = True) -> Tensor:
@@ -31,7 +32,7 @@ def released_otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidi
     Bidirectional is OTAM(D) + OTAM(D^T), D rows indexed by query frames; a prototype set of one
     (the anchor of CLIP-MEI) broadcasts over the queries or the other way round.
     """
-    dists = 1 - cosine_similarity(rearrange(query, "e q t c -> e q 1 t c"), rearrange(protos, "e p s c -> e 1 p s c"))
+    dists = 1 - released_cosine(rearrange(query, "e q t c -> e q 1 t c"), rearrange(protos, "e p s c -> e 1 p s c"))
     distance = otam_cumulative(dists, lam)
     return distance + otam_cumulative(dists.transpose(-1, -2), lam) if bidirectional else distance
 
@@ -47,36 +48,34 @@ def feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:
                          nn.Dropout(dropout))
 
 
-class QKVTransformer(nn.Module):
+class ReleasedTransformer(nn.Module):
     """Their `Transformer_v1` of depth 1 used as self-attention: [B, L, C] -> [B, L, C].
 
     x + Attn(LN(x)) with q, k, v projected without bias from the one LayerNorm output, heads x
-    head_dim inner width (not tied to C), output Linear + dropout; then x + MLP(x), no norm before it.
-    No positional embedding: token order only matters through what the caller puts where.
+    head_dim inner width (default C // heads; CLIP-MEI: 256 at any C), output Linear + dropout, no
+    dropout on the attention weights; then x + MLP(x), no norm before it. No positional embedding.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, attention_dropout: float,
-                 mlp_dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, attention_dropout: float, mlp_dropout: float,
+                 head_dim: int | None = None):
         super().__init__()
-        if heads < 1 or head_dim < 1:
-            raise ClipspmError(f"attention needs at least one head of width >= 1, got {heads} x {head_dim}")
-        inner = heads * head_dim
-        self.heads = heads
+        head_dim = head_dim or dim // heads
+        if head_dim == 0:
+            raise ClipspmError(f"model.num_heads={heads} exceeds the feature width C={dim}; choose at most {dim}")
+        self.heads, inner = heads, heads * head_dim
         self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        # A single head as wide as C needs no output projection (theirs: project_out).
-        project = not (heads == 1 and head_dim == dim)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attention_dropout)) if project else nn.Identity()
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
+        # A single head as wide as C has no output projection in the released code.
+        self.out = (nn.Identity() if heads == 1 and head_dim == dim else
+                    nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attention_dropout)))
         self.mlp = feed_forward(dim, mlp_hidden, mlp_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = self.norm(x)
-        q, k, v = (rearrange(proj(normed), "b l (h d) -> b h l d", h=self.heads)
-                   for proj in (self.to_q, self.to_k, self.to_v))
-        attended = F.scaled_dot_product_attention(q, k, v)              # softmax(q k^T / sqrt(d)) v, no dropout
-        x = x + self.to_out(rearrange(attended, "b h l d -> b l (h d)"))
+        tokens = self.norm(x)
+        q, k, v = (rearrange(project(tokens), "b l (h d) -> b h l d", h=self.heads)
+                   for project in (self.to_q, self.to_k, self.to_v))
+        attended = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(d)) v
+        x = x + self.out(rearrange(attended, "b h l d -> b l (h d)"))
         return x + self.mlp(x)
 
 

@@ -26,7 +26,7 @@ from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods.registry import Method, register_method
 from clipspm.pipeline.released_layers import (
     MotionDifference,
-    QKVTransformer,
+    ReleasedTransformer,
     consistency_distance,
     feed_forward,
     released_otam_distance,
@@ -67,10 +67,10 @@ class CLIPMEIHead(nn.Module):
         o = options
         self.motion = MotionDifference(dim)
         self.prompt_generator = feed_forward(dim, o.prompt_hidden, o.mlp_dropout)
-        self.token_transformer = QKVTransformer(dim, o.num_heads, o.head_dim, o.mlp_hidden, o.attention_dropout,
-                                                o.mlp_dropout)   # QSA and MIC
-        self.task_transformer = QKVTransformer(dim, o.num_heads, o.head_dim, o.mlp_hidden, o.attention_dropout,
-                                               o.mlp_dropout)    # TFE
+        self.token_transformer = ReleasedTransformer(dim, o.num_heads, o.mlp_hidden, o.attention_dropout,
+                                                     o.mlp_dropout, o.head_dim)   # QSA and MIC
+        self.task_transformer = ReleasedTransformer(dim, o.num_heads, o.mlp_hidden, o.attention_dropout,
+                                                    o.mlp_dropout, o.head_dim)    # TFE
         self.motion_alpha = nn.Parameter(torch.ones(1))           # α_m, learned, unconstrained
 
     def forward(self, episode: Episode) -> HeadOutput:

@@ -25,9 +25,9 @@ from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods.registry import Method, register_method
 from clipspm.pipeline.released_layers import (
     MotionDifference,
-    QKVTransformer,
+    ReleasedTransformer,
     consistency_distance,
-    cosine_similarity,
+    released_cosine,
     released_otam_distance,
 )
 from clipspm.schema import LossOptions, ModelOptions
@@ -75,9 +75,8 @@ class CPM2CHead(nn.Module):
     def __init__(self, dim: int, options: CPM2COptions):
         super().__init__()
         self.options = options
-        head_dim = options.head_dim or max(1, dim // options.num_heads)
-        self.transformer = QKVTransformer(dim, options.num_heads, head_dim, options.mlp_hidden,
-                                          options.attention_dropout, options.mlp_dropout)
+        self.transformer = ReleasedTransformer(dim, options.num_heads, options.mlp_hidden, options.attention_dropout,
+                                               options.mlp_dropout, options.head_dim)
         self.motion = MotionDifference(dim)
         self.appearance_token = nn.Parameter(torch.randn(1, 1, dim))     # stands in for the query's missing text
         self.motion_token = nn.Parameter(torch.randn(1, 1, dim))
@@ -127,7 +126,7 @@ class CPM2CHead(nn.Module):
     def _video_text(self, episode: Episode) -> Tensor:
         """Cross-entropy of every support and query video against all base-class texts, summed per episode."""
         videos = reduce(torch.cat([episode.support, episode.query], 1), "e v t c -> e v c", "mean")
-        logits = cosine_similarity(videos, episode.base_text) * self.text_logit_scale           # [E, V, B]
+        logits = released_cosine(videos, episode.base_text) * self.text_logit_scale           # [E, V, B]
         labels = torch.cat([repeat(episode.class_ids, "e n -> e (n k)", k=episode.shots),
                             torch.gather(episode.class_ids, 1, episode.query_labels)], 1)        # [E, V]
         ce = F.cross_entropy(rearrange(logits, "e v b -> (e v) b"), labels.flatten(), reduction="sum")
