@@ -16,20 +16,10 @@ from einops import rearrange, reduce, repeat
 from pydantic import Field
 from torch import Tensor, nn
 
-from clipspm.errors import ClipspmError
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods.registry import Method, register_method
-from clipspm.pipeline.otam import otam_cumulative
+from clipspm.pipeline.released_layers import ReleasedTransformer, released_cosine, released_otam_distance
 from clipspm.schema import LossOptions, ModelOptions
-
-COSINE_EPSILON = 0.01   # `cos_sim` of the CLIP-FSAR code family adds this to |x||y| (models/base/few_shot.py)
-
-
-def released_cosine(x: Tensor, y: Tensor) -> Tensor:
-    """Cosine of every row of x with every row of y as the CLIP-FSAR code family computes it:
-    x·y / (|x||y| + 0.01). [..., A, C], [..., B, C] -> [..., A, B]; leading dims broadcast."""
-    norms = x.norm(dim=-1).unsqueeze(-1) * y.norm(dim=-1).unsqueeze(-2)
-    return x @ y.transpose(-1, -2) / (norms + COSINE_EPSILON)
 
 
 class CLIPFSAROptions(ModelOptions):
@@ -47,33 +37,6 @@ class CLIPFSARLoss(LossOptions):
     video_text: float = Field(1.0, ge=0, description="weight of the video-text loss: time-averaged CLIP frames "
                                                      "classified against every base-class text (released: per "
                                                      "dataset, configs/methods/clipfsar.yaml)")
-
-
-class ReleasedTransformer(nn.Module):
-    """CLIP-FSAR's one-layer transformer: x + attention(LayerNorm(x)), then x + MLP(x) with no norm
-    before the MLP; q/k/v without bias, no attention-weight dropout. [B, L, C] -> [B, L, C]."""
-
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, attention_dropout: float, mlp_dropout: float):
-        super().__init__()
-        head_dim = dim // heads
-        if head_dim == 0:
-            raise ClipspmError(f"model.num_heads={heads} exceeds the feature width C={dim}; choose at most {dim}")
-        self.heads, inner = heads, heads * head_dim
-        self.norm = nn.LayerNorm(dim)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
-        # A single head as wide as C has no output projection in the released code.
-        self.out = (nn.Identity() if heads == 1 else
-                    nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attention_dropout)))
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Dropout(mlp_dropout),
-                                 nn.Linear(mlp_hidden, dim), nn.Dropout(mlp_dropout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.norm(x)
-        q, k, v = (rearrange(project(tokens), "b l (h d) -> b h l d", h=self.heads)
-                   for project in (self.to_q, self.to_k, self.to_v))
-        attended = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(d)) v
-        x = x + self.out(rearrange(attended, "b h l d -> b l (h d)"))
-        return x + self.mlp(x)
 
 
 class CLIPFSARHead(nn.Module):
@@ -99,19 +62,11 @@ class CLIPFSARHead(nn.Module):
         tokens = torch.cat([merged, episode.class_text[:, :, None]], 2)                        # [E, N, T+1, C]
         protos = self.transformer(tokens.flatten(0, 1))[:, :t].unflatten(0, (e, -1))          # [E, N, T, C]
         query = self.transformer(episode.query.flatten(0, 1)).unflatten(0, (e, -1))           # [E, NM, T, C]
-        logits = -self._otam(query, protos)
+        logits = -released_otam_distance(query, protos, self.otam_lambda, self.bidirectional)
         aux = {}
         if self.training and episode.base_text is not None:
             aux["video_text"] = self._video_text_loss(episode)
         return HeadOutput(logits=logits, aux=aux, query_features=query)
-
-    def _otam(self, query: Tensor, protos: Tensor) -> Tensor:
-        """[E, Q, T, C], [E, N, T, C] -> [E, Q, N]."""
-        dists = 1 - released_cosine(query[:, :, None], protos[:, None])                       # [E, Q, N, T, T]
-        distance = otam_cumulative(dists, self.otam_lambda)
-        if self.bidirectional:
-            distance = distance + otam_cumulative(dists.transpose(-1, -2), self.otam_lambda)
-        return distance
 
     def _video_text_loss(self, episode: Episode) -> Tensor:
         videos = reduce(torch.cat([episode.support, episode.query], 1), "e v t c -> e v c", "mean")

@@ -15,8 +15,8 @@ from einops import reduce
 from torch import nn
 
 from clipspm.pipeline.episode import Episode, HeadOutput
-from clipspm.pipeline.methods.clipfsar import released_cosine
 from clipspm.pipeline.methods.registry import Method, register_method
+from clipspm.pipeline.released_layers import released_cosine
 from clipspm.schema import ModelOptions
 
 
