@@ -63,6 +63,10 @@ class TrainConfig(Section):
     val_queries: int = Field(1, ge=1, description="queries per class in val episodes")
     log_every: int = Field(160, ge=1, description="episodes between metrics.jsonl records")
     seed: int = Field(0, ge=0, description="episode sampling, view choice and dropout are functions of (seed, step)")
+    cuda_graph: bool = Field(False, description="heads stage on CUDA: capture the optimiser step (episode gather, "
+                                                "heads forward and backward, Adam) in a CUDA graph and replay it "
+                                                "instead of launching its many small kernels one by one; the CPU "
+                                                "always runs eagerly. benchmarks/gpu.py measures both")
 
 
 class EvalConfig(Section):

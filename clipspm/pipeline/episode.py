@@ -123,6 +123,14 @@ def episode_step(head: nn.Module, episode: Episode, loss_cfg: Mapping, episodes_
     `episodes_per_step` (default: this batch's E), so that a step split into micro-batches (finetune)
     and one batched step (heads) give the same gradient.
     """
+    loss, logits, metrics = episode_loss(head, episode, loss_cfg, episodes_per_step)
+    return StepResult(loss=loss, logits=logits, metrics=metric_values(metrics))
+
+
+def episode_loss(head: nn.Module, episode: Episode, loss_cfg: Mapping, episodes_per_step: int | None = None
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """`episode_step` without reading anything back from the device: (loss, logits [E, N*M, N], metrics as
+    detached scalar tensors). A step captured in a CUDA graph can only return tensors."""
     out = head(episode)
     labels = episode.query_labels
     ce = F.cross_entropy(rearrange(out.logits, "e q n -> (e q) n"), labels.flatten())  # mean over queries, episodes
@@ -134,6 +142,10 @@ def episode_step(head: nn.Module, episode: Episode, loss_cfg: Mapping, episodes_
             raise KeyError(f"head returned an auxiliary loss {name!r} with no weight {weight!r} in its loss options")
         loss = loss + aux_scale * loss_cfg[weight] * value
     accuracy = (out.logits.argmax(-1) == labels).float().mean()
-    names = ["loss", "ce", "accuracy", *out.aux]
-    values = torch.stack([v.detach().float() for v in (loss, ce, accuracy, *out.aux.values())]).tolist()  # one sync
-    return StepResult(loss=loss, logits=out.logits, metrics=dict(zip(names, values)))
+    metrics = dict(zip(["loss", "ce", "accuracy", *out.aux], (loss, ce, accuracy, *out.aux.values())))
+    return loss, out.logits, {name: value.detach().float() for name, value in metrics.items()}
+
+
+def metric_values(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar tensors as floats, read back from the device in one sync."""
+    return dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))

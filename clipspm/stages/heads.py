@@ -15,13 +15,15 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from clipspm.pipeline.episode import episode_step
+from clipspm.pipeline.episode import episode_loss, metric_values
 from clipspm.pipeline.methods import build_head
 from clipspm.stages.checkpoint import load_checkpoint, save_checkpoint
-from clipspm.stages.episodes import EpisodeSampler, build_episode, step_generator
+from clipspm.stages.cuda_graph import GraphedStep
+from clipspm.stages.episodes import EpisodeIndex, EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
 from clipspm.stages.runs import (
     MetricsWindow,
+    RunData,
     TrainResult,
     load_run_data,
     log_metrics,
@@ -49,8 +51,9 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     torch.manual_seed(t.seed)  # the initial weights, like everything after, follow from the seed
     head = build_head(cfg.model, cfg.loss, train.features.shape[-1]).to(device)
     parameters = [p for p in head.parameters() if p.requires_grad]
-    optimizer = (torch.optim.Adam(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-                 if parameters else None)
+    graphed = t.cuda_graph and device.type == "cuda"    # the CPU always runs the step eagerly
+    optimizer = (torch.optim.Adam(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  capturable=graphed) if parameters else None)
     val_index = val_episodes(cache, cfg, val.labels, val.video_ids)
 
     def validate() -> float:
@@ -75,7 +78,9 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
         truncate_metrics(run_dir, state["episode"])
         console.print(f"resuming {run_dir} at episode {state['episode']}")
     sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries)
-    base_classes = train.labels.unique()
+    train_step = training_step(head, optimizer, train, train.labels.unique(), cfg.loss, t.shots, t.queries, per_step)
+    if graphed:
+        train_step = GraphedStep(train_step)
     window = MetricsWindow()
     with training_progress("heads", console, progress) as bar:
         task = bar.add_task("heads", total=total_steps * per_step, completed=step * per_step, loss=0.0, acc=0.0,
@@ -85,15 +90,9 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
             generator = step_generator(t.seed, step, device)
             torch.manual_seed(t.seed * 1_000_003 + step)  # dropout: also a pure function of the step
             index = sampler.sample(per_step, generator)
-            views = train.random_views(index, generator)
-            episode = build_episode(index, train.features, train.labels, train.class_text, views, base_classes)
-            head.train()
-            result = episode_step(head, episode, cfg.loss, per_step)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
+            metrics = train_step(index.support, index.query, index.classes, train.random_views(index, generator))
             step += 1
-            window.add(result.metrics)
+            window.add(metric_values(metrics))
 
             # ---- logging, validation, checkpoints
             episode_count = step * per_step
@@ -108,3 +107,24 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
             bar.update(task, completed=episode_count)
     return TrainResult(run_dir, total_steps * per_step, best[0], best[1], time.perf_counter() - started,
                        trained=True)
+
+
+def training_step(head: torch.nn.Module, optimizer: torch.optim.Optimizer, data: RunData, base_classes: torch.Tensor,
+                  loss_cfg: DictConfig, shots: int, queries: int, episodes_per_step: int):
+    """The optimiser step of the heads stage as a function of index tensors: (support [E, N*K], query [E, N*M],
+    classes [E, N] rows of `data`, views [E, N*(K+M)] or None) -> the step's metrics as scalar tensors.
+
+    Nothing in it reads back from the device, so `GraphedStep` can capture it (train.cuda_graph).
+    """
+    def step(support: torch.Tensor, query: torch.Tensor, classes: torch.Tensor,
+             views: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        index = EpisodeIndex(support, query, classes, shots, queries)
+        episode = build_episode(index, data.features, data.labels, data.class_text, views, base_classes)
+        head.train()
+        loss, _, metrics = episode_loss(head, episode, loss_cfg, episodes_per_step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return metrics
+
+    return step
