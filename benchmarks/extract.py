@@ -38,7 +38,6 @@ if __package__ in (None, ""):  # run as `python benchmarks/extract.py`: make the
 
 from benchmarks._timing import command_line, describe_device, interleaved, print_table
 from clipspm.datasets import load_dataset
-from clipspm.datasets.synthetic import SYNTHETIC_CLASSES, ensure_synthetic, write_video
 from clipspm.pipeline.encoder import load_clip, resolve_precision
 from clipspm.stages.extract import DEFAULTS, ExtractOptions, extract, video_loader, view_settings
 from clipspm.system import usable_cores
@@ -66,9 +65,9 @@ def run(videos: int = 224, workers: tuple[int, ...] | None = None, models: tuple
                 options = ExtractOptions(**where, backbone=model, pretrained="none", workers=num_workers,
                                          device=device, progress=False)
                 views = view_settings(options, dataset, clip)
-                results = interleaved({"decode": partial(_decode_only, dataset, views, options),
-                                       "encode": partial(_encode_only, clip, views, options),
-                                       "extract": partial(_extract_once, options)}, rounds)
+                results = interleaved({"decode": partial(decode_only, dataset, views, options),
+                                       "encode": partial(encode_only, clip, views, options),
+                                       "extract": partial(extract_once, options)}, rounds)
                 decode = max(results["decode"])
                 best = max(results["extract"], key=lambda result: result["videos_per_s"])
                 rows.append({
@@ -82,13 +81,13 @@ def run(videos: int = 224, workers: tuple[int, ...] | None = None, models: tuple
             "frames_per_video": DEFAULTS.num_frames * (1 + DEFAULTS.train_views), "rounds": rounds, "rows": rows}
 
 
-def _decode_only(dataset, views, options: ExtractOptions) -> float:
+def decode_only(dataset, views, options: ExtractOptions) -> float:
     started = time.perf_counter()
     count = sum(len(batch) for batch in video_loader(dataset, list(range(len(dataset.videos))), views, options))
     return count / (time.perf_counter() - started)
 
 
-def _encode_only(clip, views, options: ExtractOptions, videos: int = 32) -> float:
+def encode_only(clip, views, options: ExtractOptions, videos: int = 32) -> float:
     """videos/s of the encoder alone on random frames of a video's size, batched as `extract` batches them, with
     the threads `extract` leaves it on the CPU (the cores its decoding workers do not take)."""
     frames_per_video = views.views * views.num_segments
@@ -113,22 +112,32 @@ def _encode_only(clip, views, options: ExtractOptions, videos: int = 32) -> floa
     return calls * batch / frames_per_video / seconds
 
 
-def _extract_once(options: ExtractOptions) -> dict:
+def extract_once(options: ExtractOptions, keep: Path | None = None) -> dict:
+    """`extract()` into a fresh cache root, with the GPU utilisation sampled; the cache is then deleted, or moved
+    into the folder `keep` (its path is returned as "cache")."""
     cache_root = Path(tempfile.mkdtemp(prefix="clipspm-bench-"))
+    kept = None
     try:
-        with _GpuUtilisation(options.device) as utilisation:
+        with GpuUtilisation(options.device) as utilisation:
             result = extract(ExtractOptions(**{**vars(options), "cache_root": cache_root}))
+        if keep is not None:
+            kept = keep / result.path.name
+            shutil.rmtree(kept, ignore_errors=True)
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.move(result.path, kept)
     finally:
         shutil.rmtree(cache_root)
     return {"videos_per_s": result.encoded_now / result.encode_seconds,
             "call_per_s": result.encoded_now / result.seconds,
-            "gpu_util": utilisation.mean(last_seconds=result.encode_seconds)}
+            "gpu_util": utilisation.mean(last_seconds=result.encode_seconds), "cache": kept}
 
 
 # ---- video sources: ExtractOptions fields naming the dataset
 
 def _synthetic(videos: int) -> dict:
     """The built-in synthetic dataset with at least `videos` videos (whole classes)."""
+    from clipspm.datasets.synthetic import SYNTHETIC_CLASSES, ensure_synthetic  # PyAV: imported where it writes
+
     per_class = -(-videos // len(SYNTHETIC_CLASSES))
     root = ensure_synthetic(DATA_DIR / f"benchmark-synthetic-{per_class}", seed=0, videos_per_class=per_class,
                             progress=False)
@@ -151,8 +160,15 @@ def _ucf_like(videos: int) -> dict:
 
 
 def _write_ucf_like(path: Path, seed: int) -> None:
-    """A colour gradient panning right, a bar sweeping across it, and some pixel noise."""
-    num_frames, height, width = UCF_LIKE
+    from clipspm.datasets.synthetic import write_video  # PyAV: imported where it writes
+
+    write_video(path, ucf_like_frames(seed))
+
+
+def ucf_like_frames(seed: int, size: tuple[int, int, int] = UCF_LIKE) -> np.ndarray:
+    """uint8 [frames, height, width, 3], UCF101's size by default: a colour gradient panning right, a bar sweeping
+    across it, and some pixel noise."""
+    num_frames, height, width = size
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
     background = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, rng.integers(0, 256))], -1)
@@ -162,12 +178,12 @@ def _write_ucf_like(path: Path, seed: int) -> None:
         bar = (5 * t + 37 * seed) % width
         frame[:, max(0, bar - 20):bar + 20] = rng.integers(0, 256, 3)
         frames[t] = np.clip(frame + rng.integers(-4, 5, frame.shape), 0, 255)
-    write_video(path, frames)
+    return frames
 
 
 # ---- GPU utilisation
 
-class _GpuUtilisation:
+class GpuUtilisation:
     """Samples the GPU utilisation (%) every 0.2 s in a thread; `mean` over the last seconds of the block."""
 
     def __init__(self, device: str):
@@ -176,7 +192,7 @@ class _GpuUtilisation:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> _GpuUtilisation:
+    def __enter__(self) -> GpuUtilisation:
         if self.read is not None:
             self.thread.start()
         return self

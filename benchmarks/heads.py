@@ -4,8 +4,9 @@ Run `python benchmarks/heads.py [--quick]`; `run()` returns the measurements. Se
 
     episodes      episodes/s of the heads stage on random features of a cache's shape (T=8, 1+4 views, float16
                   on the device), shipped heads config, 5-way 1- and 5-shot, C=1024 (RN50) and C=512 (ViT-B/16).
-                  train: the trainer's optimiser step (EpisodeSampler, build_episode, episode_step, backward,
-                  Adam) on E = train.episodes_per_step episodes; eval: `evaluate_episodes`, eval.batch per forward
+                  train: the trainer's loop body (EpisodeSampler, then `training_step`: build_episode, the loss,
+                  backward, Adam; the metrics read back) on E = train.episodes_per_step episodes; eval:
+                  `evaluate_episodes`, eval.batch per forward
     tower         one 5-way 1-shot 4-query training episode, forward + backward, same heads at C=1024: gathered
                   from cached features, against the finetune stage's `forward_episodes` with the RN50 visual
                   tower (random weights) in the loop on 8 random 224x224 frames per video (no decoding). The
@@ -36,12 +37,14 @@ from benchmarks._timing import command_line, describe_device, interleaved, print
 from benchmarks.otam import run as run_otam
 from clipspm.config import load_config, resolve_config
 from clipspm.pipeline.encoder import load_clip
-from clipspm.pipeline.episode import episode_step
+from clipspm.pipeline.episode import episode_step, metric_values
 from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
+from clipspm.stages.cuda_graph import GraphedStep
 from clipspm.stages.episodes import EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
 from clipspm.stages.finetune import MicroBatch, forward_episodes, training_precision
+from clipspm.stages.heads import training_step
 from clipspm.stages.runs import RunData
 
 EXTRACT = load_config("extract")         # T and the number of train views of a cache
@@ -88,7 +91,7 @@ def _heads_config(shots: int) -> DictConfig:
     return resolve_config("heads", "synthetic", overrides=[f"train.shots={shots}"])
 
 
-def _random_split(classes: int, width: int, views: int, device: torch.device) -> RunData:
+def random_split(classes: int, width: int, views: int, device: torch.device) -> RunData:
     """A split as the heads stage holds it: float16 features [n, views, T, C], labels, class prompts."""
     generator = torch.Generator().manual_seed(classes * width)
     n = classes * VIDEOS_PER_CLASS
@@ -104,11 +107,11 @@ def _episodes_per_second(device: torch.device, rounds: int) -> list[dict]:
     candidates, labels = {}, []
     for (backbone, width), shots in itertools.product(WIDTHS.items(), SHOTS):
         cfg = _heads_config(shots)
-        train = _random_split(CLASSES["train"], width, 1 + EXTRACT.train_views, device)
-        test = _random_split(CLASSES["test"], width, 1, device)
+        train = random_split(CLASSES["train"], width, 1 + EXTRACT.train_views, device)
+        test = random_split(CLASSES["test"], width, 1, device)
         key = (backbone, width, shots)
-        candidates[(*key, "train")] = _train(cfg, train, device)
-        candidates[(*key, "eval")] = _eval(cfg, test, device)
+        candidates[(*key, "train")] = train_rate(cfg, train, device)
+        candidates[(*key, "eval")] = eval_rate(cfg, test, device)
         labels.append(key)
     best = {key: max(rates) for key, rates in interleaved(candidates, rounds).items()}
     return [{"backbone": backbone, "C": width, "shots": shots,
@@ -117,38 +120,52 @@ def _episodes_per_second(device: torch.device, rounds: int) -> list[dict]:
             for backbone, width, shots in labels]
 
 
-def _train(cfg: DictConfig, data: RunData, device: torch.device) -> Callable[[], float]:
-    """Episodes/s of the heads trainer's optimiser step (clipspm/stages/heads.py)."""
-    t = cfg.train
-    torch.manual_seed(t.seed)
-    head = build_head(cfg.model, cfg.loss, data.features.shape[-1]).to(device)
-    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=t.lr,
-                                 weight_decay=t.weight_decay)
-    sampler = EpisodeSampler(data.labels, t.ways, t.shots, t.queries)
-    base_classes = data.labels.unique()
-    steps = itertools.count()
-
-    def step() -> None:
-        generator = step_generator(t.seed, next(steps), device)
-        index = sampler.sample(t.episodes_per_step, generator)
-        episode = build_episode(index, data.features, data.labels, data.class_text,
-                                data.random_views(index, generator), base_classes)
-        head.train()
-        result = episode_step(head, episode, cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
-
+def train_rate(cfg: DictConfig, data: RunData, device: torch.device) -> Callable[[], float]:
+    """Episodes/s of the heads trainer's optimiser step (clipspm/stages/heads.py), as its loop calls it."""
+    step, _ = trainer_steps(cfg, data, device)
     step()  # first-call costs: allocations, kernel choices
-    return lambda: t.episodes_per_step / seconds_per_call(step, TRAIN_STEPS[device.type], device)
+    return lambda: cfg.train.episodes_per_step / seconds_per_call(step, TRAIN_STEPS[device.type], device)
 
 
-def _eval(cfg: DictConfig, data: RunData, device: torch.device) -> Callable[[], float]:
-    """Episodes/s of `evaluate_episodes` on episodes drawn like the stored test episodes."""
+def trainer_steps(cfg: DictConfig, data: RunData, device: torch.device, *, graph: bool = False,
+                  capturable: bool | None = None, compile: str | None = None, seed: int | None = None
+                  ) -> tuple[Callable[[], dict[str, float]], torch.nn.Module]:
+    """The heads trainer's loop body from step 0 as a call: draw the step's episodes, take the optimiser step
+    (`training_step`; with `graph` replayed from a CUDA graph on CUDA as train.cuda_graph does, with `compile` the
+    heads under torch.compile with that backend), read the metrics back. Also returns the head being trained."""
+    t = cfg.train
+    seed = t.seed if seed is None else seed
+    graphed = graph and device.type == "cuda"
+    torch.manual_seed(seed)
+    head = build_head(cfg.model, cfg.loss, data.features.shape[-1]).to(device)
+    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
+                                 weight_decay=t.weight_decay, capturable=graphed if capturable is None else capturable)
+    forward = torch.compile(head, backend=compile) if compile else head
+    step = training_step(forward, optimizer, data, data.labels.unique(), cfg.loss, t.shots, t.queries,
+                         t.episodes_per_step)
+    if graphed:
+        step = GraphedStep(step)
+    sampler = EpisodeSampler(data.labels, t.ways, t.shots, t.queries)
+    numbers = itertools.count()
+
+    def drive() -> dict[str, float]:
+        number = next(numbers)
+        generator = step_generator(seed, number, device)
+        torch.manual_seed(seed * 1_000_003 + number)   # dropout, as the trainer seeds it
+        index = sampler.sample(t.episodes_per_step, generator)
+        return metric_values(step(index.support, index.query, index.classes, data.random_views(index, generator)))
+
+    return drive, head
+
+
+def eval_rate(cfg: DictConfig, data: RunData, device: torch.device, episodes: int | None = None
+              ) -> Callable[[], float]:
+    """Episodes/s of `evaluate_episodes` on episodes drawn like the stored test episodes (`episodes` of them per
+    call; default: EVAL_EPISODES of the device type)."""
     t = cfg.train
     head = build_head(cfg.model, cfg.loss, data.features.shape[-1]).to(device)
     index = EpisodeSampler(data.labels.cpu(), t.ways, t.shots, cfg.eval.queries).sample(
-        EVAL_EPISODES[device.type], torch.Generator().manual_seed(cfg.eval.seed))
+        episodes or EVAL_EPISODES[device.type], torch.Generator().manual_seed(cfg.eval.seed))
     evaluate_episodes(head, index.slice(0, WARM_UP_EPISODES), data, batch=cfg.eval.batch)  # first-call costs
     return lambda: len(index) / seconds_per_call(
         lambda: evaluate_episodes(head, index, data, batch=cfg.eval.batch), 1, device)
@@ -162,7 +179,7 @@ def _cache_against_tower(device: torch.device, rounds: int) -> list[dict]:
     tower = clip.model.visual
     if ft.activation_checkpointing:
         enable_activation_checkpointing(tower)
-    data = _random_split(CLASSES["train"], clip.feature_dim, 1 + EXTRACT.train_views, device)
+    data = random_split(CLASSES["train"], clip.feature_dim, 1 + EXTRACT.train_views, device)
     t = cfg.train
     torch.manual_seed(t.seed)
     head = build_head(cfg.model, cfg.loss, clip.feature_dim).to(device)
