@@ -2,13 +2,13 @@
 # Download the wheels benchmarks/gpu.py needs on the lent GPU machine into .gpu-wheels/ (git-ignored), which the
 # device call carries and benchmarks/gpu_run.sh installs there (that machine reaches no package registry).
 #
-#   bash benchmarks/gpu_wheels.sh            # Python 3.12, the machine's python3; GPU_PYTHON=3.11 for another
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_wheels.sh   # wheels for CPython 3.12 (GPU_PYTHON=3.11: another)
 #
 # The machine's image has torch, torchvision, timm, huggingface_hub, numpy, PyYAML, regex, tqdm, safetensors,
 # einops, h5py, rich, typer, matplotlib, scikit-learn, pillow and opencv; the packages below are what clipspm
-# imports beyond those, with the packages they need that the image lacks. Versions are the ones installed where
-# this script runs (the environment the tests pass in). PyAV (35 MB) is left out on purpose: on that machine
-# OpenCV writes the benchmark's videos and decord reads them, so nothing imports av there.
+# imports beyond those, with the packages they need that the image lacks, at the versions of $PYTHON's environment
+# (where the tests pass). PyAV (35 MB) is left out on purpose: on that machine OpenCV writes the benchmark's videos
+# and decord reads them, so nothing imports av there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +27,17 @@ pins=$("$python" - "${packages[@]}" <<'EOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+pins, missing = [], []
 for name in sys.argv[1:]:
     try:
-        print(f"{name}=={version(name)}")
+        pins.append(f"{name}=={version(name)}")
     except PackageNotFoundError:
-        print(name)
+        missing.append(name)
+if missing:
+    print(f"{sys.executable} has no {', '.join(missing)}: run this script with the Python of the project's "
+          f"environment, e.g. PYTHON=.venv/bin/python bash benchmarks/gpu_wheels.sh", file=sys.stderr)
+    sys.exit(2)
+print(" ".join(pins))
 EOF
 )
 rm -rf "$dest"
