@@ -65,7 +65,6 @@ from clipspm.stages.extract import ExtractOptions, extract, view_settings
 from clipspm.stages.heads import train_heads
 from clipspm.system import usable_cores
 
-_NO_CUDA = "no CUDA device here: run this on a GPU machine, or pass --smoke for the CPU smoke run"
 SECTIONS = ("env", "heads_rate", "extract", "heads_run", "finetune", "launch", "heads_run_graph")
 SPLITS = ("train", "val", "test")
 GIB = 2**30
@@ -536,6 +535,10 @@ SECTION_FUNCTIONS: dict[str, Callable[[Context, Recorder], None]] = {
 }
 
 
+class NoCudaDevice(Exception):
+    """The machine has no CUDA device, and this is not a --smoke run."""
+
+
 class ChildFailed(Exception):
     """The forked process raised (the message ends with its traceback's last lines) or died."""
 
@@ -636,7 +639,8 @@ def run(plan: Plan, out: Path, work: Path, sections: tuple[str, ...], device: st
             if not plan.smoke and not data["values"].get("cuda available"):
                 result["sections"][name] = {"status": "failed", "note": "no CUDA device"}
                 _write(result, out, started)
-                raise SystemExit(_NO_CUDA)
+                raise NoCudaDevice("no CUDA device here: run this on a GPU machine, or pass --smoke for the CPU "
+                                   "smoke run")
         print(f"[{time.monotonic() - started:6.1f} s] {name}: {status}" + (f" ({note})" if note else ""), flush=True)
         _write(result, out, started)
     return result
@@ -674,7 +678,7 @@ def targets(result: dict) -> list[dict]:
                  "measured": _seconds(eval_s), "met": None if eval_s is None or tests != 10_000 else eval_s <= 30})
     finetune_rows = sections.get("finetune", {}).get("tables", {}).get("step", [])
     for row in finetune_rows:
-        if row["backbone"] in ("ViT-B-16", SMOKE_PLAN.finetune_backbones[0]):
+        if "vit" in row["backbone"].lower():
             peak, applies = row["peak GiB"], row["backbone"] == "ViT-B-16" and row["shots"] == 5
             rows.append({"figure": f"fine-tuning {row['backbone']} peak memory, 5-way {row['shots']}-shot "
                                    f"{row['queries']} queries, {row['precision']}, "
@@ -741,8 +745,8 @@ def markdown(result: dict) -> str:
 def _plain(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {_plain(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, float):
-        return f"{value:.3g}"
+    if isinstance(value, float) and value and abs(value) < 1e-3:
+        return f"{value:.2e}"
     return str(value)
 
 
@@ -775,8 +779,8 @@ def main() -> None:
     work = args.work or Path(tempfile.gettempdir()) / ("clipspm-gpu-smoke" if args.smoke else "clipspm-gpu-bench")
     try:
         result = run(plan, args.out, work, sections, "cpu" if args.smoke else "cuda")
-    except SystemExit as stop:
-        parser.exit(2, f"{stop}\n")
+    except NoCudaDevice as error:
+        parser.exit(2, f"{error}\n")
     print((args.out / "gpu.md").read_text())
     sys.exit(0 if all(section["status"] == "done" for section in result["sections"].values()) else 1)
 

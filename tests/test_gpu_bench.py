@@ -97,6 +97,17 @@ def test_sections_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_pat
     assert "- heads_run (skipped)" in (tmp_path / "out" / "gpu.md").read_text()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_a_gpu_run_without_cuda_is_refused_with_the_fix(tmp_path):
+    completed = subprocess.run([sys.executable, "benchmarks/gpu.py", "--out", str(tmp_path / "out"), "--work",
+                                str(tmp_path / "work")], cwd=ROOT, env=_environment(), capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 2
+    assert "no CUDA device" in completed.stderr and "--smoke" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert json.loads((tmp_path / "out" / "gpu.json").read_text())["sections"]["env"]["status"] == "failed"
+
+
 def test_gpu_benchmark_imports_without_pyav(tmp_path):
     """The GPU machine has no PyAV: nothing the benchmark imports may need it (videos are written with OpenCV)."""
     blocker = ("import sys\n"
