@@ -1,7 +1,8 @@
 """The `clipspm` command: parse options, call a stage, print what happened.
 
 Exit status: 0 success; 1 the job finished but something in it failed (videos that could not be
-decoded, a cache that does not verify); 2 bad input or options (the message says what to fix).
+decoded, a cache that does not verify, runs of a suite); 2 bad input or options (the message says what to
+fix); 130 interrupted. A user's mistake is reported in one message, never as a traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from clipspm.errors import ClipspmError
+from clipspm.system import make_console
 
 if TYPE_CHECKING:
     from clipspm.experiments.report import ReportResult
@@ -28,8 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "the heads from the cache, fine-tune end to end.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
 app.add_typer(cache_app, name="cache")
-console = Console()
-err_console = Console(stderr=True)
+console = make_console(stderr=False)
+err_console = make_console()
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CLIPSPM_CACHE_DIR", "caches"))
 
@@ -53,7 +55,10 @@ def main() -> None:
         app()
     except ClipspmError as error:
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)   # commands in it stay whole
-        sys.exit(2)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
 
 
 @app.command()
@@ -234,7 +239,9 @@ def train(
         help="Run directory. Default: runs/{dataset}-{backbone}-{K}shot[-ft][-NAME].")] = None,
     name: Annotated[Optional[str], typer.Option(help="Suffix of the default run directory name.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last checkpoint, with its saved "
-                                              "config.")] = False,
+                                              "config. A run directory without a checkpoint (a start that died "
+                                              "early) is started again by the same command, with or without "
+                                              "--resume.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu. Default: CUDA when available.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -245,7 +252,7 @@ def train(
     config, metrics.jsonl, checkpoints (safetensors + JSON) and, after `clipspm eval`, results.json.
     """
     from clipspm.config import resolve_config
-    from clipspm.stages.runs import default_run_dir, load_run_config
+    from clipspm.stages.runs import default_run_dir, has_checkpoint, load_run_config
 
     overrides = list(set_ or [])
     for key, value in [("data.dataset", dataset), ("data.backbone", backbone), ("data.pretrained", pretrained),
@@ -261,7 +268,7 @@ def train(
         run_dir = default_run_dir(cfg, stage.value)
         if name:
             run_dir = run_dir.with_name(f"{run_dir.name}-{name}")
-    if resume and (run_dir / "config.yaml").exists():
+    if resume and has_checkpoint(run_dir):
         cfg = load_run_config(run_dir)
     if stage is Stage.heads:
         from clipspm.stages.heads import train_heads
@@ -350,7 +357,8 @@ def evaluate(
                           device=device, progress=progress)
     table = Table(title=str(run), show_header=False)
     table.add_row("accuracy", f"{100 * result.accuracy:.2f} ± {100 * result.ci95:.2f} % (95% CI)")
-    table.add_row("protocol", f"{result.ways}-way {result.shots}-shot, {result.queries} queries per class, "
+    table.add_row("protocol", f"{result.ways}-way {result.shots}-shot, {result.queries} "
+                              f"{'query' if result.queries == 1 else 'queries'} per class, "
                               f"{result.episodes} episodes (seed {result.seed})")
     table.add_row("episodes file", result.episodes_file)
     table.add_row("checkpoint", result.checkpoint)

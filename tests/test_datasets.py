@@ -268,6 +268,31 @@ def test_custom_with_split_files(tmp_path):
     assert (dataset.hflip, dataset.default_backbone, dataset.default_pretrained) == (True, "RN50", "openai")
 
 
+def test_split_entries_written_with_their_video_extension_resolve(tmp_path):
+    """UCF101's official lists name `CLASS/VIDEO.avi`: the file named is found, a transcoded copy when it is
+    not there, and a frame folder named with the extension too."""
+    root = tmp_path / "root"
+    named = touch(root / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g08_c01.avi")
+    touch(root / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g08_c01.mkv")
+    named_mp4 = touch(root / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g08_c02.mp4")
+    touch(root / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g08_c02.avi")
+    transcoded = touch(root / "Archery" / "v_Archery_g01_c01.mp4")
+    frames = frame_folder(root / "Archery" / "v_Archery_g01_c02.avi")
+    split_dir = write_split_dir(tmp_path / "splits",
+                                train=["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi",
+                                       "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c02.mp4"],
+                                test=["Archery/v_Archery_g01_c01.avi", "Archery/v_Archery_g01_c02.avi",
+                                      "Archery/v_Archery_g01_c03.avi"])
+    videos = {video.key: video for video in load_dataset("custom", root, split_dir=split_dir).videos}
+    resolved = root.resolve()
+    assert videos["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"].path == resolved / named.relative_to(root)
+    assert videos["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c02.mp4"].path == resolved / named_mp4.relative_to(root)
+    assert videos["Archery/v_Archery_g01_c01.avi"].path == resolved / transcoded.relative_to(root)
+    assert videos["Archery/v_Archery_g01_c02.avi"].path == resolved / frames.relative_to(root)
+    missing = videos["Archery/v_Archery_g01_c03.avi"]
+    assert missing.path is None and "v_Archery_g01_c03.avi" in missing.problem
+
+
 def test_custom_with_split_folders(tmp_path):
     touch(tmp_path / "train" / "Jumping" / "j1.mp4")
     touch(tmp_path / "train" / "Jumping" / "j2.MOV")

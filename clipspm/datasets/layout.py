@@ -91,6 +91,18 @@ def list_folder(folder: Path, clip_suffix: bool = False) -> dict[str, list[Candi
     return listing
 
 
+def entry_candidates(listing: dict[str, list[Candidate]], video: str) -> list[Candidate]:
+    """What in a folder listing can be the split entry's `video`: the name itself, else, for an entry written
+    with its video extension (`CLASS/v_X_g01_c01.avi`, as UCF101's official lists are), its stem, the file
+    it names first (a copy transcoded to another container is taken when that file is not there)."""
+    if video in listing:
+        return listing[video]
+    named = split_video_name(video)
+    if named is None:
+        return []
+    return sorted(listing.get(named[0], []), key=lambda candidate: candidate.name != video)
+
+
 def pick(folder: Path, candidates: Sequence[Candidate]) -> tuple[Path | None, str | None]:
     """The first usable candidate in `folder`; a frame folder without images is reported, not used."""
     problem = None
@@ -115,8 +127,9 @@ class RootIndex:
         """Path of one entry, or None and the reason: root/CLASS, then root/SPLIT/CLASS, then anywhere (SSv2)."""
         problem = None
         for folder, listing in self.class_folders(line.class_key, line.split):
-            if line.video in listing:
-                path, problem_here = pick(folder, listing[line.video])
+            candidates = entry_candidates(listing, line.video)
+            if candidates:
+                path, problem_here = pick(folder, candidates)
                 if path is not None:
                     return path, None
                 problem = problem or problem_here
@@ -139,7 +152,8 @@ class RootIndex:
     def _resolve_anywhere(self, video: str) -> tuple[Path | None, str | None]:
         if self._tree is None:
             self._tree = index_tree(self.root)
-        places = self._tree.get(video, {})
+        named = split_video_name(video)
+        places = self._tree.get(video) or (self._tree.get(named[0], {}) if named else {})
         if len(places) > 1:
             shown = ", ".join(str(folder) for folder in sorted(places)[:3])
             return None, (f"{video!r} matches {len(places)} places under {self.root} ({shown}); "

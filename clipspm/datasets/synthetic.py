@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clipspm.errors import DatasetError
-from clipspm.system import usable_cores
+from clipspm.system import make_console, usable_cores
 
 GENERATOR_VERSION = 1  # bump when any pixel changes, so that older roots are refused, not mixed
 DEFAULT_VIDEOS_PER_CLASS = 12
@@ -489,7 +489,7 @@ def _run_jobs(jobs: list[tuple[Path, PlannedVideo, int]], progress: bool, worker
     try:
         done = pool.imap_unordered(_ensure_video, jobs, chunksize=2) if pool else map(_ensure_video, jobs)
         columns = (TextColumn("synthetic videos"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, disable=not progress) as bar:
+        with Progress(*columns, console=make_console(), disable=not progress) as bar:
             task = bar.add_task("", total=len(jobs))
             for _ in done:
                 bar.advance(task)

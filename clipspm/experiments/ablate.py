@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from clipspm.config import resolve_config
-from clipspm.errors import ClipspmError
+from clipspm.errors import ClipspmError, JobFailedError
 from clipspm.experiments.report import ReportResult, write_report
 from clipspm.experiments.suites import (
     SuiteSettings,
@@ -47,7 +47,7 @@ from clipspm.stages.checkpoint import checkpoint_dir
 from clipspm.stages.evaluate import evaluate_run, finished_result
 from clipspm.stages.heads import train_heads
 from clipspm.stages.runs import CONFIG_NAME, load_run_config, open_run_cache
-from clipspm.system import usable_cores
+from clipspm.system import make_console, resolve_device, usable_cores
 
 
 @dataclass
@@ -101,7 +101,7 @@ class AblateResult:
 
 def run_ablation(options: AblateOptions, console: Console | None = None) -> AblateResult:
     """Run (or resume) a suite and write its report; see the module docstring for what is reused."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     started = time.perf_counter()
     suite = load_suite(options.suite)
     devices = plan_devices(options.parallel, options.devices)
@@ -152,6 +152,8 @@ def _shared_overrides(options: AblateOptions) -> list[str]:
 
 def plan_devices(parallel: str | int, devices: tuple[str, ...] | None) -> list[str]:
     """The devices of the workers: `parallel` of them ("auto": all), from `devices` or the visible GPUs."""
+    for device in devices or ():
+        resolve_device(device, option="--devices")
     available = list(devices or ()) or [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     if str(parallel) == "auto":
         return available
@@ -194,7 +196,7 @@ def run_job(suite_dir: Path, variant_name: str, shots: int, *, device: str | Non
             console: Console | None = None) -> JobOutcome:
     """Bring one (variant, K) run of a suite to a scored state: skip it if finished, else train (or resume) and
     evaluate it. What a worker process runs; the sequential suite calls it in-process."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     started = time.perf_counter()
     suite, settings = read_suite_dir(suite_dir)
     variant = suite.variant(variant_name)
@@ -235,7 +237,7 @@ def _run_in_process(suite_dir: Path, jobs: list[tuple[Variant, int]], device: st
 
 def _raise_unfinished(jobs: int, finished: int, failures: list[str]) -> None:
     if finished < jobs:
-        raise ClipspmError(f"{jobs - finished} of {jobs} runs did not finish (rerun the same command to resume "
+        raise JobFailedError(f"{jobs - finished} of {jobs} runs did not finish (rerun the same command to resume "
                            f"them; finished runs are kept):\n" + "\n".join(failures))
 
 

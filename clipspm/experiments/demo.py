@@ -11,9 +11,11 @@ from pathlib import Path
 from rich.console import Console
 
 from clipspm.config import resolve_config
+from clipspm.errors import ClipspmError
 from clipspm.stages.evaluate import compare_runs, evaluate_run, finished_result
 from clipspm.stages.heads import train_heads
 from clipspm.stages.runs import CONFIG_NAME
+from clipspm.system import make_console
 
 VARIANTS = [("CLIP-SPM", "clipspm"), ("OTAM (CLIP features)", "otam"), ("ProtoNet", "protonet")]
 
@@ -21,7 +23,9 @@ VARIANTS = [("CLIP-SPM", "clipspm"), ("OTAM (CLIP features)", "otam"), ("ProtoNe
 def run_demo(*, episodes: int | None, eval_episodes: int, shots: int, runs_dir: Path, cache_dir: Path,
              progress: bool = True, console: Console | None = None) -> list[dict]:
     """Train (or resume) and evaluate each variant; rows of model, accuracy, CI and paired difference."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
+    if eval_episodes < 1:
+        raise ClipspmError(f"--eval-episodes must be at least 1, got {eval_episodes}")
     overrides = [f"train.shots={shots}", f"data.cache_dir={cache_dir}"]
     if episodes is not None:
         overrides.append(f"train.episodes={episodes}")

@@ -25,6 +25,7 @@ from clipspm.experiments.suites import Suite, SuiteSettings, Variant, read_suite
 from clipspm.stages.episodes import EpisodeIndex, build_episode
 from clipspm.stages.evaluate import compare_runs, finished_result, open_test_run
 from clipspm.stages.runs import metrics_path
+from clipspm.system import make_console
 
 PAPER_RESULTS = CONFIG_DIR / "paper_results.yaml"
 EMBEDDING_CLASSES, EMBEDDING_VIDEOS = 5, 40      # Fig. 6: five classes, 40 test videos each
@@ -51,7 +52,7 @@ class ReportResult:
 
 def write_report(suite_dir: Path, *, device: str | None = None, console: Console | None = None) -> ReportResult:
     """Tables and figures of a suite directory, from what its runs have written so far."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     suite_dir = Path(suite_dir)
     suite, settings = read_suite_dir(suite_dir)
     cells, missing = collect_cells(suite_dir, suite, settings)

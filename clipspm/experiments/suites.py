@@ -179,7 +179,11 @@ def read_suite_dir(suite_dir: Path) -> tuple[Suite, SuiteSettings]:
     path = Path(suite_dir) / SUITE_FILE
     if not path.is_file():
         raise ClipspmError(f"{suite_dir} is not a suite directory (no {SUITE_FILE}); they are made by `clipspm ablate`")
-    data = yaml.safe_load(path.read_text())
-    suite = parse_suite(data["suite"], default_name=Path(suite_dir).name, source=str(path))
-    return suite, SuiteSettings(**data["settings"])
+    try:
+        data = yaml.safe_load(path.read_text())
+        suite = parse_suite(data["suite"], default_name=Path(suite_dir).name, source=str(path))
+        return suite, SuiteSettings(**data["settings"])
+    except (yaml.YAMLError, KeyError, TypeError) as error:
+        raise ClipspmError(f"{path} is damaged ({type(error).__name__}: {str(error).splitlines()[0]}); run the "
+                           f"`clipspm ablate` command that made it again: it rewrites it and keeps the runs") from None
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from clipspm.config import MODEL_CONFIG_DIR
-from clipspm.errors import ClipspmError, WeightsUnavailableError
+from clipspm.errors import ClipspmError, WeightsUnavailableError, damaged_file, reading
 
 HUB_HOST = "huggingface.co"
 OPENAI_URL_CACHE = Path("~/.cache/clip").expanduser()
@@ -130,16 +131,28 @@ def load_clip(name: str, pretrained: str = "openai", device: str | torch.device 
         path, tag_cfg = resolve_weights(name, pretrained)
         force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         preprocess = {key: tag_cfg[key] for key in ("mean", "std") if key in tag_cfg}
+        fix = f"pass an intact {name} weight file (safetensors, or a state dict saved by torch.save), or a tag"
         try:
-            model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=force_quick_gelu)
-        except Exception as error:
-            raise ClipspmError(f"cannot load weights {path} into {name}: {error}") from None
+            with warnings.catch_warnings():
+                # torch's weights-only loader warns about every pickle protocol but 2; such files load correctly
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=force_quick_gelu)
+        except Exception as error:   # whatever fails here, it is the file the user named that does not load
+            raise (damaged_file(path, "weight file", fix, error)
+                   or ClipspmError(f"cannot load weights {path} into {name}: {first_line(error)}; {fix}")) from None
         digest = file_sha256(path)
         resolved, kind = (pretrained, "tag") if tag_cfg else (str(path), "file")
     if weights is not None:
         from safetensors.torch import load_file
 
-        model.visual.load_state_dict(load_file(str(weights)))
+        fix = "pass the visual.safetensors of a finetune run of this backbone, or its run directory"
+        with reading(weights, "visual tower weights", fix):
+            tensors = load_file(str(weights))
+        try:
+            model.visual.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise ClipspmError(f"visual tower weights {weights} do not fit {name}'s visual tower "
+                               f"({first_line(error)}); {fix}") from None
         digest = hashlib.sha256((digest + file_sha256(Path(weights))).encode()).hexdigest()
     model = model.to(device).eval().requires_grad_(False)
     image_size = model.visual.image_size
@@ -151,6 +164,14 @@ def load_clip(name: str, pretrained: str = "openai", device: str | torch.device 
         feature_dim=feature_width(name),
         config_sha256=hashlib.sha256(json.dumps(open_clip.get_model_config(name), sort_keys=True).encode()).hexdigest(),
     )
+
+
+def first_line(error: Exception) -> str:
+    """The first line of a library's error that says what went wrong (torch's load errors run to pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1].rstrip(".")
+    return lines[0] if lines else type(error).__name__
 
 
 def resolve_weights(name: str, pretrained: str) -> tuple[Path, dict]:

@@ -23,7 +23,21 @@ AUX_LOSS_WEIGHTS = {"hsmr": "lambda_h", "spm": "lambda_s"}
 
 @dataclass(kw_only=True)
 class Episode:
-    """E N-way K-shot episodes with M queries per class, T frames of width C."""
+    """E N-way K-shot episodes with M queries per class, T frames of width C.
+
+    Fields (shapes; float tensors are float32 features, long tensors are indices):
+        support       [E, N*K, T, C] float, class-major: support[e, n*K + k] is shot k of class n
+        query         [E, N*M, T, C] float, class-major: query[e, n*M + m] is query m of class n
+        query_labels  [E, N*M] long in [0, N): the class of each query (n for query[e, n*M + m]); heads read it
+                      only in training mode
+        class_text    [E, N, C] float: the prompt feature of each episode class (mean of its first R templates)
+        class_ids     [E, N] long: each episode class's global index; rows of `base_text` in training episodes
+        base_text     [B, C] float or None: the prompt features of all B training classes (CLIP-FSAR's
+                      video-text loss); None at test time
+        shots         int: K
+
+    The ways N and queries per class M follow from the shapes (`ways`, `queries_per_class`).
+    """
 
     support: Tensor            # [E, N*K, T, C] class-major: support[e, n*K + k] belongs to class n
     query: Tensor              # [E, N*M, T, C]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from clipspm.errors import ClipspmError
+from clipspm.errors import ClipspmError, reading
 
 HEADS, VISUAL, OPTIMIZER, STATE = "heads.safetensors", "visual.safetensors", "optimizer.safetensors", "state.json"
 
@@ -58,25 +58,45 @@ def load_checkpoint(directory: Path, *, heads: nn.Module, optimizer: torch.optim
     found = checkpoint_dir(directory)
     if found is None:
         raise ClipspmError(f"no checkpoint in {directory}")
-    missing, unexpected = load_model(heads, str(found / HEADS), strict=False)
+    fix = "this checkpoint cannot be used: train the run again"
+    with reading(found / HEADS, "checkpoint weights", fix):
+        missing, unexpected = _load_fitting(heads, found / HEADS)
     if missing or unexpected:
         raise ClipspmError(f"checkpoint {found} does not fit this model (missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}): was it made with other switches or width?")
     if visual is not None:
         if not (found / VISUAL).is_file():
             raise ClipspmError(f"checkpoint {found} holds no fine-tuned visual tower")
-        load_model(visual, str(found / VISUAL))
-    state = json.loads((found / STATE).read_text())
+        with reading(found / VISUAL, "checkpoint weights", fix):
+            _load_fitting(visual, found / VISUAL, strict=True)
+    state = read_state(found)
     if optimizer is not None:
-        _restore_optimizer(optimizer, load_file(str(found / OPTIMIZER)), state["optimizer_param_groups"])
+        with reading(found / OPTIMIZER, "optimizer state", fix):
+            _restore_optimizer(optimizer, load_file(str(found / OPTIMIZER)), state["optimizer_param_groups"])
     return state
+
+
+def _load_fitting(module: nn.Module, path: Path, strict: bool = False) -> tuple[list[str], list[str]]:
+    """safetensors' load_model, with a tensor of another shape reported as the user's mismatch it is."""
+    try:
+        return load_model(module, str(path), strict=strict)
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+            raise
+        first = lines[1].strip().rstrip(".") if len(lines) > 1 else lines[0]
+        raise ClipspmError(f"{path} does not fit this model ({first}): was it made with another backbone, width "
+                           f"or switches?") from None
 
 
 def read_state(directory: Path) -> dict:
     found = checkpoint_dir(directory)
     if found is None:
         raise ClipspmError(f"no checkpoint in {directory}")
-    return json.loads((found / STATE).read_text())
+    try:
+        return json.loads((found / STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ClipspmError(f"{found / STATE} is damaged ({error}); train the run again") from None
 
 
 def tuned_visual_weights(run_dir: Path, checkpoint: str | None = None) -> Path:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from clipspm.system import resolve_device
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -38,7 +40,7 @@ def setup(device: str | None = None) -> Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    resolved = resolve_device(device)
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank)
     if world_size > 1 and not dist.is_initialized():

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from clipspm.errors import ClipspmError
+from clipspm.errors import ClipspmError, reading
 from clipspm.pipeline.encoder import file_sha256
 from clipspm.pipeline.episode import Episode
 
@@ -41,16 +41,21 @@ class EpisodeIndex:
 
 
 class EpisodeSampler:
-    """Draws N-way K-shot episodes with M queries per class from videos labelled `labels`."""
+    """Draws N-way K-shot episodes with M queries per class from the videos of `split` labelled `labels`."""
 
-    def __init__(self, labels: torch.Tensor, ways: int, shots: int, queries: int):
+    def __init__(self, labels: torch.Tensor, ways: int, shots: int, queries: int, split: str = "train"):
         self.ways, self.shots, self.queries = ways, shots, queries
+        protocol = describe_protocol(ways, shots, queries)
+        if ways < 2 or shots < 1 or queries < 1:
+            raise ClipspmError(f"{protocol} cannot be drawn: episodes need at least 2 ways, 1 shot and 1 query "
+                               f"per class")
         classes, counts = labels.unique(return_counts=True)
         usable = counts >= shots + queries
         if int(usable.sum()) < ways:
-            raise ClipspmError(f"{ways}-way {shots}-shot episodes with {queries} queries per class need {ways} classes "
-                               f"with at least {shots + queries} videos; this split has {int(usable.sum())} "
-                               f"(of {classes.numel()} classes)")
+            raise ClipspmError(f"{protocol} need {ways} classes with at least {shots + queries} videos each; the "
+                               f"{split} split has {int(usable.sum())} such classes (of {classes.numel()}, with at "
+                               f"most {int(counts.max()) if counts.numel() else 0} videos each); lower the shots "
+                               f"or queries")
         self.classes = classes[usable]
         self.counts = counts[usable]
         # [classes, max videos] table of video positions; unused slots are never drawn (their key is +inf)
@@ -108,23 +113,31 @@ def build_episode(index: EpisodeIndex, features: torch.Tensor, labels: torch.Ten
                    class_ids=class_ids, base_text=base_text, shots=index.shots)
 
 
+def describe_protocol(ways: int, shots: int, queries: int) -> str:
+    """'5-way 1-shot episodes with 1 query per class'."""
+    return f"{ways}-way {shots}-shot episodes with {queries} {'query' if queries == 1 else 'queries'} per class"
+
+
 def fixed_episodes(path: Path, labels: torch.Tensor, video_ids: list[str], *, ways: int, shots: int, queries: int,
-                   episodes: int, seed: int) -> tuple[EpisodeIndex, str]:
+                   episodes: int, seed: int, split: str = "test") -> tuple[EpisodeIndex, str]:
     """The stored episodes for these settings, made once and then read back; and their sha256.
 
     Stored by video id as well as by row, so an episode file cannot be applied to another video
-    list by mistake.
+    list by mistake. Nothing is written unless the episodes could be drawn.
     """
+    if episodes < 1:
+        raise ClipspmError(f"the number of {split} episodes must be at least 1, got {episodes}")
     identity = hashlib.sha256("\n".join(video_ids).encode()).hexdigest()
     if path.exists():
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            meta = json.loads(handle.metadata()["episodes"])
+        with reading(path, "episode file", "delete it: the same episodes are drawn again from their seed"):
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as handle:
+                meta = json.loads(handle.metadata()["episodes"])
         if meta["videos_sha256"] != identity:
             raise ClipspmError(f"{path} was made for another list of videos; delete it to draw new episodes")
         index = EpisodeIndex(tensors["support"], tensors["query"], tensors["classes"], shots, queries)
     else:
-        sampler = EpisodeSampler(labels.cpu(), ways, shots, queries)
+        sampler = EpisodeSampler(labels.cpu(), ways, shots, queries, split)
         generator = torch.Generator().manual_seed(seed)
         index = sampler.sample(episodes, generator)
         meta = {"ways": ways, "shots": shots, "queries": queries, "episodes": episodes, "seed": seed,

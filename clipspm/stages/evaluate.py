@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from clipspm.stages.runs import RunData
 
 RESULTS_NAME = "results.json"
+CHECKPOINTS = ("best", "last")
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float]:
@@ -94,11 +95,14 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
     from clipspm.pipeline.methods import build_head
     from clipspm.stages.checkpoint import load_checkpoint
     from clipspm.stages.runs import check_cache_fits, load_run_config, load_run_data
+    from clipspm.system import make_console, resolve_device
 
     cfg = load_run_config(run_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
+    if checkpoint not in CHECKPOINTS:
+        raise ClipspmError(f"--checkpoint {checkpoint!r}: choose {' or '.join(CHECKPOINTS)}")
     if cfg.get("finetune") is not None and cache_path is None:
-        cache_path = tuned_test_cache(run_dir, cfg, console=console or Console(stderr=True), checkpoint=checkpoint,
+        cache_path = tuned_test_cache(run_dir, cfg, console=console or make_console(), checkpoint=checkpoint,
                                       device=str(device))
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
     check_cache_fits(cache, cfg)
@@ -112,16 +116,25 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
 def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | None = None,
                  checkpoint: str = "best", cache_path: Path | None = None, device: str | None = None,
                  progress: bool = True, console: Console | None = None) -> EvalResult:
-    """Score a run's checkpoint on the stored test episodes; write results.json and per-episode accuracies."""
-    console = console or Console(stderr=True)
+    """Score a run's checkpoint on the stored test episodes; write results.json and per-episode accuracies.
+
+    `episodes` and `queries` (None: the run's eval settings) must be at least 1. results.json names the cache
+    and the episodes file by absolute path, whichever stage made the run.
+    """
+    from clipspm.system import make_console
+
+    for option, value in (("--episodes", episodes), ("--queries", queries)):
+        if value is not None and value < 1:
+            raise ClipspmError(f"{option} must be at least 1, got {value}")
+    console = console or make_console()
     started = time.perf_counter()
     run_dir = Path(run_dir)
     loaded = open_test_run(run_dir, checkpoint=checkpoint, cache_path=cache_path, device=device, console=console)
     cfg, cache, test, head = loaded.cfg, loaded.cache, loaded.test, loaded.head
-    episodes = episodes or cfg.eval.episodes
-    queries = queries or cfg.eval.queries
-    file = cache.store_path.parent / "episodes" / episode_file_name("test", cfg.train.ways, cfg.train.shots, queries,
-                                                                    episodes, cfg.eval.seed)
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    queries = cfg.eval.queries if queries is None else queries
+    name = episode_file_name("test", cfg.train.ways, cfg.train.shots, queries, episodes, cfg.eval.seed)
+    file = cache.store_path.parent.resolve() / "episodes" / name
     index, digest = fixed_episodes(file, test.labels, test.video_ids, ways=cfg.train.ways, shots=cfg.train.shots,
                                    queries=queries, episodes=episodes, seed=cfg.eval.seed)
     with Progress(console=console, disable=not progress) as bar:
@@ -129,7 +142,7 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     mean, ci = mean_ci(accuracy)
     result = EvalResult(run_dir=str(run_dir), split="test", ways=cfg.train.ways, shots=cfg.train.shots,
                         queries=queries, episodes=len(index), seed=cfg.eval.seed, accuracy=mean, ci95=ci,
-                        checkpoint=checkpoint, cache=str(cache.store_path.parent), episodes_file=str(file),
+                        checkpoint=checkpoint, cache=str(cache.store_path.parent.resolve()), episodes_file=str(file),
                         episodes_sha256=digest, seconds=time.perf_counter() - started)
     np.save(run_dir / accuracy_file_name(digest), accuracy.astype(np.float32))
     (run_dir / RESULTS_NAME).write_text(json.dumps(asdict(result), indent=1))
@@ -171,11 +184,21 @@ def finished_result(run_dir: Path, *, episodes: int, queries: int, seed: int) ->
 
 
 def read_result(run_dir: Path) -> tuple[dict, np.ndarray]:
+    """A run's results.json and its per-episode accuracies; a missing or damaged one asks for `clipspm eval`."""
     path = Path(run_dir) / RESULTS_NAME
+    again = f"run `clipspm eval {run_dir}` (again)"
     if not path.is_file():
         raise ClipspmError(f"{run_dir} has no {RESULTS_NAME}; run `clipspm eval {run_dir}` first")
-    result = json.loads(path.read_text())
-    return result, np.load(Path(run_dir) / accuracy_file_name(result["episodes_sha256"]), allow_pickle=False)
+    try:
+        result = json.loads(path.read_text())
+        accuracy = Path(run_dir) / accuracy_file_name(result["episodes_sha256"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ClipspmError(f"{path} is damaged ({type(error).__name__}: {error}); {again}") from None
+    try:
+        return result, np.load(accuracy, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ClipspmError(f"the per-episode accuracies {accuracy} of {run_dir} cannot be read ({error}); "
+                           f"{again}") from None
 
 
 @dataclass

@@ -46,7 +46,7 @@ from clipspm.datasets import Dataset, load_dataset
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import ClipModel, load_clip, resolve_precision
 from clipspm.stages import distributed
-from clipspm.system import usable_cores
+from clipspm.system import make_console, usable_cores
 from clipspm.video.views import VideoItem, VideoViewsDataset, ViewSettings, collate_items
 
 DEFAULTS = load_config("extract")
@@ -116,7 +116,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     if options.num_frames < 1 or options.train_views < 0:
         raise ClipspmError("--num-frames must be at least 1 and --train-views at least 0")
     dist = distributed.setup(options.device)
-    console = Console(stderr=True, quiet=not dist.is_main)
+    console = make_console(quiet=not dist.is_main)
     started = time.perf_counter()
     cores = usable_cores()
     if options.workers > cores:   # more decoding processes than cores only compete with each other and the encoder

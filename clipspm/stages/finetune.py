@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,18 +48,19 @@ from clipspm.stages.evaluate import evaluate_episodes
 from clipspm.stages.runs import (
     MetricsWindow,
     RunData,
+    RunLog,
     TrainResult,
     backbone_of,
+    check_run_dir,
     class_prompts,
     load_run_config,
     open_run_cache,
     prepare_run_dir,
     save_validation,
     training_progress,
-    truncate_metrics,
     val_episodes,
 )
-from clipspm.system import usable_cores
+from clipspm.system import make_console, usable_cores
 from clipspm.video.decode import VideoReadError
 from clipspm.video.sampling import video_rng
 from clipspm.video.views import VideoViewsDataset, ViewSettings, collate_items, load_views
@@ -66,9 +68,14 @@ from clipspm.video.views import VideoViewsDataset, ViewSettings, collate_items, 
 
 def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init: Path | None = None,
                    progress: bool = True, device: str | None = None, console: Console | None = None) -> TrainResult:
-    """Fine-tune (or resume) the run that `cfg` describes into `run_dir`; under torchrun every rank calls it."""
+    """Fine-tune (or resume) the run that `cfg` describes into `run_dir`; under torchrun every rank calls it.
+
+    `resume` continues from the last checkpoint; a run directory without one is started afresh. Nothing is
+    written into the run directory before the cache, the videos, the models and the episodes are ready.
+    """
+    resume = check_run_dir(run_dir, "finetune", resume=resume)
     dist = distributed.setup(device)
-    console = console or Console(stderr=True, quiet=not dist.is_main)
+    console = console or make_console(quiet=not dist.is_main)
     started = time.perf_counter()
     ft, t = cfg.finetune, cfg.train
     if dist.device.type == "cuda":
@@ -79,8 +86,6 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
 
     # ---- data: labels, class prompts and the starting tower from the cache; frames from the videos
     cache = open_run_cache(cfg, run_dir, resume=resume, console=console)
-    if dist.is_main:
-        prepare_run_dir(run_dir, cfg, resume=resume)
     dataset = video_dataset(cache, cfg)
     train, val = split_videos(cache, dataset, "train"), split_videos(cache, dataset, "val")
     class_text = class_prompts(cache, cfg, dist.device)
@@ -114,19 +119,19 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     total_steps = -(-t.episodes // per_step)
     val_steps, log_steps = max(1, t.val_every // per_step), max(1, t.log_every // per_step)
     starts = micro_batch_starts(per_step, micro, dist)
-    step, best = 0, (-1.0, 0)
+    sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries)
+    val_index = val_episodes(cache, cfg, val.labels, val.keys) if dist.is_main else None
+    if dist.is_main:
+        prepare_run_dir(run_dir, cfg, resume=resume)
+    step, best, resumed_at = 0, (-1.0, 0), None
     if resume:
         state = load_checkpoint(run_dir / "checkpoints" / "last", heads=head, optimizer=optimizer, visual=tower)
-        step, best = state["step"], (state["best_val"], state["best_episode"])
-        if dist.is_main:
-            truncate_metrics(run_dir, state["episode"])
+        step, best, resumed_at = state["step"], (state["best_val"], state["best_episode"]), state["episode"]
         console.print(f"resuming {run_dir} at episode {state['episode']}")
-    sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries)
     loader = DataLoader(EpisodeFrames(train, views, t.seed), batch_size=None, num_workers=workers,
                         sampler=micro_batches(sampler, t.seed, range(step, total_steps), per_step, micro, starts),
                         pin_memory=dist.device.type == "cuda")
     batches = iter(loader)
-    val_index = val_episodes(cache, cfg, val.labels, val.keys) if dist.is_main else None
 
     def validate() -> float:
         tower.eval()
@@ -136,9 +141,10 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
 
     window = MetricsWindow()
     try:
-        with training_progress("finetune", console, progress and dist.is_main) as bar:
-            task = bar.add_task("finetune", total=total_steps * per_step, completed=step * per_step, loss=0.0,
-                                acc=0.0, val=max(best[0], 0.0), rate=0.0)
+        with (RunLog(run_dir, resumed_at) if dist.is_main else nullcontext()) as log, \
+                training_progress("finetune", console, progress and dist.is_main) as bar:
+            task = bar.add_task("finetune", total=total_steps * per_step, completed=step * per_step, loss=None,
+                                acc=None, val=best[0] if best[0] >= 0 else None, rate=None)
             while step < total_steps:
                 # ---- one optimiser step: this rank's micro-batches, then gradients summed over ranks
                 train_mode(tower)
@@ -162,13 +168,13 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
                 if dist.is_main:
                     window.add(metrics)
                     if step % log_steps == 0 or step == total_steps:
-                        averaged = window.write(run_dir, episode_count, per_step)
+                        averaged = window.write(log, episode_count, per_step)
                         bar.update(task, loss=averaged["loss"], acc=averaged["accuracy"],
                                    rate=averaged["episodes_per_s"])
                 if step % val_steps == 0 or step == total_steps:
                     if dist.is_main:
-                        best = save_validation(run_dir, validate(), step=step, episode=episode_count, best=best,
-                                               heads=head, optimizer=optimizer, visual=tower)
+                        best = save_validation(run_dir, validate(), log=log, step=step, episode=episode_count,
+                                               best=best, heads=head, optimizer=optimizer, visual=tower)
                         bar.update(task, val=best[0])
                     dist.barrier()
                     window.restart_clock()  # validation time is not training throughput

@@ -17,35 +17,40 @@ from rich.console import Console
 
 from clipspm.pipeline.episode import episode_loss, metric_values
 from clipspm.pipeline.methods import build_head
-from clipspm.stages.checkpoint import load_checkpoint, save_checkpoint
+from clipspm.stages.checkpoint import load_checkpoint, read_state, save_checkpoint
 from clipspm.stages.cuda_graph import GraphedStep
 from clipspm.stages.episodes import EpisodeIndex, EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
 from clipspm.stages.runs import (
     MetricsWindow,
     RunData,
+    RunLog,
     TrainResult,
+    check_run_dir,
     load_run_data,
-    log_metrics,
     open_run_cache,
     prepare_run_dir,
     save_validation,
     training_progress,
-    truncate_metrics,
     val_episodes,
 )
+from clipspm.system import make_console, resolve_device
 
 
 def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
                 device: str | None = None, console: Console | None = None) -> TrainResult:
-    """Train (or resume) a heads run described by the resolved config `cfg` into `run_dir`."""
-    console = console or Console(stderr=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Train (or resume) a heads run described by the resolved config `cfg` into `run_dir`.
+
+    `resume` continues from the last checkpoint; a run directory without one is started afresh. Nothing is
+    written into the run directory before the cache, the data, the head and the episodes are ready.
+    """
+    console = console or make_console()
+    resume = check_run_dir(run_dir, "heads", resume=resume)
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     started = time.perf_counter()
     cache = open_run_cache(cfg, run_dir, resume=resume, console=console)
-    prepare_run_dir(run_dir, cfg, resume=resume)
     train, val = load_run_data(cache, cfg, "train", device), load_run_data(cache, cfg, "val", device, test_view=True)
     t = cfg.train
     torch.manual_seed(t.seed)  # the initial weights, like everything after, follow from the seed
@@ -54,37 +59,41 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     graphed = t.cuda_graph and device.type == "cuda"    # the CPU always runs the step eagerly
     optimizer = (torch.optim.Adam(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   capturable=graphed) if parameters else None)
+    sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries) if optimizer is not None else None
     val_index = val_episodes(cache, cfg, val.labels, val.video_ids)
+    prepare_run_dir(run_dir, cfg, resume=resume)
 
     def validate() -> float:
         return float(evaluate_episodes(head, val_index, val, batch=cfg.eval.batch).mean())
 
     if optimizer is None:  # ProtoNet / plain OTAM: evaluate only, keep a checkpoint so `eval` works alike
+        if resume:
+            score = read_state(run_dir / "checkpoints" / "last")["best_val"]
+            return TrainResult(run_dir, 0, score, 0, time.perf_counter() - started, trained=False)
         score = validate()
         state = {"episode": 0, "best_val": score, "best_episode": 0, "trained": False}
         save_checkpoint(run_dir / "checkpoints" / "last", heads=head, state=state)
         save_checkpoint(run_dir / "checkpoints" / "best", heads=head, state=state)
-        log_metrics(run_dir, {"episode": 0, "val_acc": score})
+        with RunLog(run_dir) as log:
+            log.write({"episode": 0, "val_acc": score})
         console.print(f"{cfg.model.kind} has no trainable parameters: nothing to train (val accuracy {score:.2%})")
         return TrainResult(run_dir, 0, score, 0, time.perf_counter() - started, trained=False)
 
     per_step = t.episodes_per_step
     total_steps = -(-t.episodes // per_step)
     val_steps, log_steps = max(1, t.val_every // per_step), max(1, t.log_every // per_step)
-    step, best = 0, (-1.0, 0)
+    step, best, resumed_at = 0, (-1.0, 0), None
     if resume:
         state = load_checkpoint(run_dir / "checkpoints" / "last", heads=head, optimizer=optimizer)
-        step, best = state["step"], (state["best_val"], state["best_episode"])
-        truncate_metrics(run_dir, state["episode"])
+        step, best, resumed_at = state["step"], (state["best_val"], state["best_episode"]), state["episode"]
         console.print(f"resuming {run_dir} at episode {state['episode']}")
-    sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries)
     train_step = training_step(head, optimizer, train, train.labels.unique(), cfg.loss, t.shots, t.queries, per_step)
     if graphed:
         train_step = GraphedStep(train_step)
     window = MetricsWindow()
-    with training_progress("heads", console, progress) as bar:
-        task = bar.add_task("heads", total=total_steps * per_step, completed=step * per_step, loss=0.0, acc=0.0,
-                            val=max(best[0], 0.0), rate=0.0)
+    with RunLog(run_dir, resumed_at) as log, training_progress("heads", console, progress) as bar:
+        task = bar.add_task("heads", total=total_steps * per_step, completed=step * per_step, loss=None, acc=None,
+                            val=best[0] if best[0] >= 0 else None, rate=None)
         while step < total_steps:
             # ---- one optimiser step: E episodes drawn from (seed, step), one train view per video
             generator = step_generator(t.seed, step, device)
@@ -97,11 +106,11 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
             # ---- logging, validation, checkpoints
             episode_count = step * per_step
             if step % log_steps == 0 or step == total_steps:
-                averaged = window.write(run_dir, episode_count, per_step)
+                averaged = window.write(log, episode_count, per_step)
                 bar.update(task, loss=averaged["loss"], acc=averaged["accuracy"], rate=averaged["episodes_per_s"])
             if step % val_steps == 0 or step == total_steps:
-                best = save_validation(run_dir, validate(), step=step, episode=episode_count, best=best, heads=head,
-                                       optimizer=optimizer)
+                best = save_validation(run_dir, validate(), log=log, step=step, episode=episode_count, best=best,
+                                       heads=head, optimizer=optimizer)
                 bar.update(task, val=best[0])
                 window.restart_clock()
             bar.update(task, completed=episode_count)

@@ -7,23 +7,30 @@ from), `metrics.jsonl`, `checkpoints/{last,best}/`, and after evaluation `result
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from clipspm.cache.store import FeatureCache, find_store
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import feature_width
-from clipspm.stages.checkpoint import save_checkpoint
+from clipspm.stages.checkpoint import checkpoint_dir, save_checkpoint
 from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episodes
 
 CONFIG_NAME = "config.yaml"
+TENSORBOARD_PREFIX = "events.out.tfevents."                    # SummaryWriter's file names
+TENSORBOARD_TAGS = {"val_acc": "val/accuracy"}                 # other keys are train window means: train/KEY
+PIPE_LINE_SECONDS = 30.0                                        # a progress line this often when not on a terminal
 
 
 def default_run_dir(cfg: DictConfig, stage: str, runs_root: Path = Path("runs")) -> Path:
@@ -51,16 +58,56 @@ def load_run_config(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise ClipspmError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); runs are made by `clipspm train`")
-    loaded = OmegaConf.load(path)
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as error:
+        raise ClipspmError(f"{path} is damaged ({type(error).__name__}: {str(error).splitlines()[0]}); the run "
+                           f"cannot be read back, train it again into another --run-dir") from None
     return validate_config(loaded, "finetune" if "finetune" in loaded else "heads")
 
 
-def prepare_run_dir(run_dir: Path, cfg: DictConfig, *, resume: bool) -> None:
-    """Create the run directory and write the resolved config; refuse to overwrite a finished run."""
+def run_stage(cfg: DictConfig) -> str:
+    """heads or finetune: the stage a resolved run config belongs to."""
+    return "finetune" if cfg.get("finetune") is not None else "heads"
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run has trained far enough to be resumed; before that, a run directory is only a start
+    that died early, and the same command starts it again."""
+    return checkpoint_dir(Path(run_dir) / "checkpoints" / "last") is not None
+
+
+def check_run_dir(run_dir: Path, stage: str, *, resume: bool) -> bool:
+    """Whether training into `run_dir` continues a run (True) or starts one (False); refuse, before anything is
+    loaded or written, a directory that is not a run, a run of the other stage, or a run to be overwritten."""
     run_dir = Path(run_dir)
-    if (run_dir / CONFIG_NAME).exists() and not resume:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ClipspmError(f"--run-dir {run_dir} is a file; pass a directory")
+    if run_dir.is_dir() and not (run_dir / CONFIG_NAME).exists() and any(run_dir.iterdir()):
+        raise ClipspmError(f"{run_dir} is not empty and holds no run ({CONFIG_NAME} is missing); pass another "
+                           f"--run-dir (or --name) so that nothing in it is overwritten")
+    if not has_checkpoint(run_dir):
+        return False
+    saved = run_stage(load_run_config(run_dir))
+    if saved != stage:
+        raise ClipspmError(f"{run_dir} holds a {saved} run, not a {stage} run; pass another --run-dir (or --name) "
+                           f"for the {stage} stage")
+    if not resume:
         raise ClipspmError(f"{run_dir} already holds a run; pass --resume to continue it, or --run-dir/--name "
                            f"for a new one")
+    return True
+
+
+def prepare_run_dir(run_dir: Path, cfg: DictConfig, *, resume: bool) -> None:
+    """Write the resolved config: called once everything the run needs has loaded and its episodes are drawn.
+
+    A start without a checkpoint (`resume` False) replaces what an earlier start that died early left there.
+    """
+    run_dir = Path(run_dir)
+    if not resume:
+        for path in [metrics_path(run_dir), *run_dir.glob(f"{TENSORBOARD_PREFIX}*")]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # at most a half-written first checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / CONFIG_NAME)
 
@@ -69,17 +116,44 @@ def metrics_path(run_dir: Path) -> Path:
     return Path(run_dir) / "metrics.jsonl"
 
 
-def log_metrics(run_dir: Path, record: dict) -> None:
-    with open(metrics_path(run_dir), "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+class RunLog:
+    """The metrics of a run, each record to `metrics.jsonl` and to TensorBoard event files in the run directory
+    (`tensorboard --logdir runs` shows every run), both indexed by training episode.
 
+    Opened to resume from a checkpoint at `resumed_at` episodes, it drops the records written after that
+    checkpoint, in both: they are written again.
+    """
 
-def truncate_metrics(run_dir: Path, episode: int) -> None:
-    """Drop records written after the checkpoint being resumed: they will be written again."""
-    path = metrics_path(run_dir)
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["episode"] <= episode]
-        path.write_text("".join(line + "\n" for line in kept))
+    def __init__(self, run_dir: Path, resumed_at: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = metrics_path(run_dir)
+        if resumed_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["episode"] <= resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge, flush_secs=60)
+
+    def write(self, record: dict) -> None:
+        """One record: `episode` and metric values (train means of a window, or `val_acc`)."""
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "episode":
+                self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"train/{key}"), value, record["episode"])
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -93,11 +167,37 @@ class TrainResult:
 
 
 def training_progress(stage: str, console: Console, enabled: bool) -> Progress:
-    """The training bar of both stages; its task carries the fields loss, acc, val and rate (episodes/s)."""
+    """The training bar of both stages; its task carries the fields loss, acc, val and rate (episodes/s), each
+    None (shown as "-") until there is a value."""
     columns = [TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
-               TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%} val {task.fields[val]:.1%}"),
-               TextColumn("{task.fields[rate]:.1f} ep/s"), TimeRemainingColumn()]
-    return Progress(*columns, console=console, disable=not enabled)
+               MetricsColumn(), TimeRemainingColumn()]
+    return TrainingProgress(*columns, console=console, disable=not enabled)
+
+
+class MetricsColumn(ProgressColumn):
+    """`loss 1.234 acc 56.7% val 60.1% 812.3 ep/s` of a training task, "-" for a field still None."""
+
+    FIELDS = (("loss", "loss {}", ".3f"), ("acc", "acc {}", ".1%"), ("val", "val {}", ".1%"),
+              ("rate", "{} ep/s", ".1f"))
+
+    def render(self, task: Task) -> Text:
+        shown = [label.format("-" if task.fields.get(key) is None else format(task.fields[key], spec))
+                 for key, label, spec in self.FIELDS]
+        return Text(" ".join(shown))
+
+
+class TrainingProgress(Progress):
+    """The live bar on a terminal. Into a pipe or a log file, where rich draws the bar only once it stops, a
+    line every PIPE_LINE_SECONDS instead, so that a long run's log shows how it goes."""
+
+    last_line = 0.0
+
+    def update(self, task_id, **fields) -> None:
+        super().update(task_id, **fields)
+        now = time.monotonic()
+        if not self.disable and not self.console.is_terminal and now - self.last_line >= PIPE_LINE_SECONDS:
+            self.last_line = now
+            self.console.print(self.make_tasks_table(self.tasks))
 
 
 class MetricsWindow:
@@ -110,13 +210,13 @@ class MetricsWindow:
     def add(self, metrics: dict[str, float]) -> None:
         self.steps.append(metrics)
 
-    def write(self, run_dir: Path, episode: int, episodes_per_step: int) -> dict[str, float]:
-        """Append the window's means to metrics.jsonl, start a new window, return what was written."""
+    def write(self, log: RunLog, episode: int, episodes_per_step: int) -> dict[str, float]:
+        """Write the window's means to the run's log, start a new window, return what was written."""
         now = time.perf_counter()
         rate = len(self.steps) * episodes_per_step / max(now - self.started, 1e-9)
         record = {key: float(np.mean([m[key] for m in self.steps])) for key in self.steps[0]}
         record["episodes_per_s"] = rate
-        log_metrics(run_dir, {"episode": episode, **record})
+        log.write({"episode": episode, **record})
         self.steps, self.started = [], now
         return record
 
@@ -125,12 +225,13 @@ class MetricsWindow:
         self.started = time.perf_counter()
 
 
-def save_validation(run_dir: Path, score: float, *, step: int, episode: int, best: tuple[float, int],
+def save_validation(run_dir: Path, score: float, *, log: RunLog, step: int, episode: int, best: tuple[float, int],
                     heads: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     visual: torch.nn.Module | None = None) -> tuple[float, int]:
     """Log a val accuracy, checkpoint `best` if it is the best so far and `last` always; return the
-    (best accuracy, its episode)."""
-    log_metrics(run_dir, {"episode": episode, "val_acc": score})
+    (best accuracy, its episode). The log is flushed with the checkpoint: what a resume keeps is on disk."""
+    log.write({"episode": episode, "val_acc": score})
+    log.flush()
     improved = score > best[0]
     if improved:
         best = (score, episode)
@@ -237,5 +338,5 @@ def val_episodes(cache: FeatureCache, cfg: DictConfig, labels: torch.Tensor, vid
     path = cache.store_path.parent / "episodes" / episode_file_name("val", t.ways, t.shots, t.val_queries,
                                                                     t.val_episodes, t.seed)
     index, _ = fixed_episodes(path, labels, video_ids, ways=t.ways, shots=t.shots, queries=t.val_queries,
-                              episodes=t.val_episodes, seed=t.seed)
+                              episodes=t.val_episodes, seed=t.seed, split="val")
     return index
