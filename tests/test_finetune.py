@@ -224,6 +224,8 @@ def test_eval_of_finetuned_run_uses_a_cache_made_with_tuned_weights(video_root, 
 
     results = json.loads((run / "results.json").read_text())
     assert results["cache"] == result.cache and results["episodes"] == 30
+    assert Path(results["episodes_file"]).is_absolute() and Path(results["episodes_file"]).is_file()  # as heads runs
+    assert Path(results["cache"]).is_absolute()
     tuned = run / "checkpoints" / "best" / "visual.safetensors"
     with FeatureCache(find_store(Path(result.cache))) as cache:
         settings = cache.meta["settings"]
@@ -280,6 +282,15 @@ def test_unfreeze_last_n_blocks_only(video_root, cache_dir, heads_run, tmp_path)
     # --init: the heads start from the heads run's best checkpoint (two Adam steps of lr 1e-5 move them little)
     initial, tuned_heads = saved(heads_run, "heads", "best"), saved(run, "heads")
     assert max((initial[key] - tuned_heads[key]).abs().max().item() for key in initial) < 1e-4
+
+
+def test_a_start_refused_for_its_episodes_writes_nothing(video_root, cache_dir, tmp_path):
+    with pytest.raises(ClipspmError, match=r"100-shot .* the train split"):
+        train_finetune(config(video_root, cache_dir, VIT, "train.shots=100"), tmp_path / "run", progress=False)
+    with pytest.raises(ClipspmError, match=r"20 queries per class .* the val split"):
+        train_finetune(config(video_root, cache_dir, VIT, "train.val_queries=20"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    assert not [path for path in cache_dir.rglob("episodes/*") if "100shot" in path.name or "20query" in path.name]
 
 
 def test_out_of_memory_names_the_options_that_lower_memory(video_root, cache_dir, tmp_path, monkeypatch):

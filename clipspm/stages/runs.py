@@ -1,7 +1,9 @@
 """What every training stage shares: the resolved config, the run directory, the cache it reads.
 
 A run directory holds `config.yaml` (the resolved config, including the cache it was trained
-from), `metrics.jsonl`, `checkpoints/{last,best}/`, and after evaluation `results.json`.
+from), `metrics.jsonl` and the same metrics as TensorBoard event files, `checkpoints/{last,best}/`,
+and after evaluation `results.json`. It is written only once a start is known to be able to run;
+until its first checkpoint it is not a run yet, and the same command starts it again.
 """
 
 from __future__ import annotations
