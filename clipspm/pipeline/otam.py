@@ -139,24 +139,32 @@ def otam_cumulative_recursive(dists: Tensor, lam: float = 0.5) -> Tensor:
     return cum[..., -1, -1]
 
 
-def frame_distances(query: Tensor, support: Tensor) -> Tensor:
+def frame_distances(query: Tensor, support: Tensor, eps: float = 0.0) -> Tensor:
     """1 - cosine between every query frame and support frame: [..., Tq, C], [..., Ts, C] -> [..., Tq, Ts].
 
-    Leading dims broadcast. At least float32 with autocast off: OTAM sums Tq*Ts of these.
+    eps > 0: 1 - x·y / (|x||y| + eps), the released CLIP-SPM cosine (models/myRes.py cos_sim, eps 0.01),
+    which pulls the similarity of short vectors towards 0. Leading dims broadcast. At least float32 with
+    autocast off: OTAM sums Tq*Ts of these.
     """
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(query.device.type, enabled=False):
-        query = F.normalize(query.to(dtype), dim=-1)
-        support = F.normalize(support.to(dtype), dim=-1)
-        return 1 - torch.einsum("...ic,...jc->...ij", query, support)
+        query, support = query.to(dtype), support.to(dtype)
+        if eps == 0:
+            query, support = F.normalize(query, dim=-1), F.normalize(support, dim=-1)
+            return 1 - torch.einsum("...ic,...jc->...ij", query, support)
+        norms = query.norm(dim=-1)[..., :, None] * support.norm(dim=-1)[..., None, :]   # [..., Tq, Ts]
+        return 1 - torch.einsum("...ic,...jc->...ij", query, support) / (norms + eps)
 
 
-def otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidirectional: bool = True) -> Tensor:
+def otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidirectional: bool = True,
+                  cosine_eps: float = 0.0) -> Tensor:
     """SeqDis between every query and prototype of each episode: [E, Q, T, C], [E, P, T, C] -> [E, Q, P].
 
-    Bidirectional (the default) is OTAM(D) + OTAM(D^T), D rows indexed by query frames.
+    Bidirectional (the default) is OTAM(D) + OTAM(D^T), D rows indexed by query frames; `cosine_eps`
+    as `eps` of `frame_distances`.
     """
-    dists = frame_distances(rearrange(query, "e q t c -> e q 1 t c"), rearrange(protos, "e p s c -> e 1 p s c"))
+    dists = frame_distances(rearrange(query, "e q t c -> e q 1 t c"), rearrange(protos, "e p s c -> e 1 p s c"),
+                            cosine_eps)
     if not bidirectional:
         return otam_cumulative(dists, lam)
     if dists.shape[-1] == dists.shape[-2]:

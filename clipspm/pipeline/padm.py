@@ -26,9 +26,12 @@ class PADMOutput:
 
 
 class PrototypeAnchorDualModulation(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+    """One transformer layer, used on both sets: a paper `TransformerLayer(dim, heads, mlp_ratio, dropout)`,
+    or the layer given as `transformer` (the official profile's `ReleasedTransformerLayer`, context1)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, transformer: nn.Module | None = None):
         super().__init__()
-        self.transformer = TransformerLayer(dim, heads, mlp_ratio, dropout)   # one layer, used on both sets
+        self.transformer = TransformerLayer(dim, heads, mlp_ratio, dropout) if transformer is None else transformer
 
     def forward(self, support: Tensor, query: Tensor, shots: int) -> PADMOutput:
         """support [E, N*K, T, C] class-major, query [E, N*M, T, C]."""

@@ -1,7 +1,9 @@
 """Semantic Fusion SF (Sec. 3.3.2, Eq. 9; SPEC section 2.3), and the transformer layer it is built on.
 
 One SF instance is shared by HSMR (motion prompt) and SPM (text prompts). `TransformerLayer` is
-also the "Transformer" of PADM (Eq. 14) and of the CLIP-FSAR baseline.
+also the "Transformer" of PADM (Eq. 14) and of the CLIP-FSAR baseline. `ReleasedTransformerLayer`
+and `ReleasedSemanticFusion` are the same two ideas as the authors' released code builds them
+(SPEC section 6): the official profile of CLIP-SPM.
 """
 
 from __future__ import annotations
@@ -45,6 +47,37 @@ class TransformerLayer(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+class ReleasedTransformerLayer(nn.Module):
+    """The released transformer (myRes.py Transformer_v1, depth 1) over tokens: [B, L, C] -> [B, L, C].
+
+    x + Dropout(W_o Attn(LN(x))) with q, k, v bias-free projections to `heads` x `head_dim` (independent of
+    C; released 8 x 256) and no dropout on the attention weights; then x + MLP(x) with no norm before the
+    MLP: Linear(C, hidden), GELU, Dropout, Linear(hidden, C), Dropout (FeedForward). No positional embedding.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, attention_dropout: float,
+                 mlp_dropout: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)              # one norm for q, k and v (PreNormattention_qkv)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.out = nn.Linear(inner, dim)
+        self.out_dropout = nn.Dropout(attention_dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Dropout(mlp_dropout),
+                                 nn.Linear(mlp_hidden, dim), nn.Dropout(mlp_dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = self.norm(x)
+        q, k, v = (rearrange(project(normed), "b l (h d) -> b h l d", h=self.heads)
+                   for project in (self.to_q, self.to_k, self.to_v))
+        attn = F.scaled_dot_product_attention(q, k, v)                  # softmax(q k^T / sqrt(head_dim)) v
+        x = x + self.out_dropout(self.out(rearrange(attn, "b h l d -> b l (h d)")))
+        return x + self.mlp(x)
+
+
 class SemanticFusion(nn.Module):
     """SF(prompt [..., 1, C], frames [..., T, C]) -> (prompt_out [..., 1, C], frames_out [..., T, C]).
 
@@ -81,3 +114,37 @@ class SemanticFusion(nn.Module):
             fused = frames
         tokens = self.transformer(torch.cat([prompt, fused], dim=1) + self.position[:1 + frames_count])
         return tokens[:, :1].reshape(*lead, 1, dim), tokens[:, 1:].reshape(*lead, frames_count, dim)
+
+
+class ReleasedSemanticFusion(nn.Module):
+    """SF as released (model_clipspm.py se_te): SF(prompt [..., 1, C], frames [..., T, C]) -> same shapes.
+
+    f' = α · g_text(p) ⊙ p + g_vision(f) ⊙ f, each gate g an MLP Linear(C, int(r·C)), LeakyReLU(slope),
+    Linear(int(r·C), C), Sigmoid (gate_text / gate_vision, r = mid_dim_text / mid_dim_vision); then the
+    ungated p and f' as [p ; f'] through `transformer`, with no positional embedding. gate off:
+    f' = α·p + f; sum off: f' = f (no gates built), as the switches of `SemanticFusion`.
+    """
+
+    def __init__(self, dim: int, transformer: nn.Module, text_ratio: float, vision_ratio: float, slope: float,
+                 alpha: float, gate: bool = True, sum: bool = True):
+        super().__init__()
+        self.alpha, self.sum = alpha, sum
+        self.gate_text = _released_gate(dim, int(dim * text_ratio), slope) if gate and sum else None
+        self.gate_vision = _released_gate(dim, int(dim * vision_ratio), slope) if gate and sum else None
+        self.transformer = transformer
+
+    def forward(self, prompt: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+        *lead, frames_count, dim = frames.shape
+        prompt, frames = prompt.reshape(-1, 1, dim), frames.reshape(-1, frames_count, dim)   # [B, 1, C], [B, T, C]
+        if self.gate_text is not None:
+            fused = self.alpha * (self.gate_text(prompt) * prompt) + self.gate_vision(frames) * frames
+        elif self.sum:
+            fused = self.alpha * prompt + frames
+        else:
+            fused = frames
+        tokens = self.transformer(torch.cat([prompt, fused], dim=1))
+        return tokens[:, :1].reshape(*lead, 1, dim), tokens[:, 1:].reshape(*lead, frames_count, dim)
+
+
+def _released_gate(dim: int, hidden: int, slope: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(slope), nn.Linear(hidden, dim), nn.Sigmoid())

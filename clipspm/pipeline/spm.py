@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from clipspm.pipeline.losses import condis
 from clipspm.pipeline.prompt_generator import PromptGenerator
-from clipspm.pipeline.semantic_fusion import SemanticFusion
 
 
 @dataclass
@@ -25,14 +24,16 @@ class SemanticPrototypeModulation(nn.Module):
 
     Consistency (Eq. 12) ties the two branches on videos that have both: supports when
     `support_consistency`, queries when `query_consistency` (training only: it needs the label).
-    Branches no output or loss needs are not computed.
+    Branches no output or loss needs are not computed. `semantic_fusion` is a `SemanticFusion` or a
+    `ReleasedSemanticFusion`; `prompt_generator` defaults to the paper's PG of width `dim`.
     """
 
-    def __init__(self, dim: int, dropout: float, semantic_fusion: SemanticFusion,
-                 support_consistency: bool = True, query_consistency: bool = True):
+    def __init__(self, dim: int, dropout: float, semantic_fusion: nn.Module,
+                 support_consistency: bool = True, query_consistency: bool = True,
+                 prompt_generator: PromptGenerator | None = None):
         super().__init__()
         self.semantic_fusion = semantic_fusion     # shared with HSMR
-        self.prompt_generator = PromptGenerator(dim, dropout)
+        self.prompt_generator = PromptGenerator(dim, dropout) if prompt_generator is None else prompt_generator
         self.support_consistency = support_consistency
         self.query_consistency = query_consistency
 
