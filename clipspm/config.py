@@ -94,9 +94,9 @@ def method_layers(defaults: str | None, stage: str, dataset: str, profile: str |
     """The layers of `configs/methods/{defaults}.yaml` for a stage, dataset and profile.
 
     The file holds sections (`model`, `loss`, `train`, ...) at its top, then optional `stages: {STAGE:
-    sections}` and `datasets: {DATASET: sections}`; a method with profiles has `profiles: {NAME: the same
-    structure}`, applied after the top level, the first profile being the default. The chosen profile is
-    also written to `model.profile`.
+    sections}` and `datasets: {DATASET: sections}`, a dataset's own `stages: {STAGE: sections}` last; a
+    method with profiles has `profiles: {NAME: the same structure}`, applied after the top level, the first
+    profile being the default. The chosen profile is also written to `model.profile`.
     """
     if defaults is None:
         return []
@@ -123,8 +123,11 @@ def method_data(name: str) -> dict:
 
 def _structure_layers(data: Mapping, stage: str, dataset: str) -> list[dict]:
     reserved = {"profiles", "stages", "datasets"}
+    dataset_data = (data.get("datasets") or {}).get(dataset) or {}
     return [{key: value for key, value in data.items() if key not in reserved},
-            (data.get("stages") or {}).get(stage) or {}, (data.get("datasets") or {}).get(dataset) or {}]
+            (data.get("stages") or {}).get(stage) or {},
+            {key: value for key, value in dataset_data.items() if key != "stages"},
+            (dataset_data.get("stages") or {}).get(stage) or {}]
 
 
 def validate_config(merged: Mapping, stage: str) -> DictConfig:
