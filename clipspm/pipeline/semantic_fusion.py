@@ -64,8 +64,9 @@ class ReleasedTransformerLayer(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
-        self.out = nn.Linear(inner, dim)
-        self.out_dropout = nn.Dropout(attention_dropout)
+        # A single head as wide as C has no output projection in the released Attention_qkv.
+        self.out = (nn.Identity() if heads == 1 and head_dim == dim else
+                    nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attention_dropout)))
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Dropout(mlp_dropout),
                                  nn.Linear(mlp_hidden, dim), nn.Dropout(mlp_dropout))
 
@@ -74,7 +75,7 @@ class ReleasedTransformerLayer(nn.Module):
         q, k, v = (rearrange(project(normed), "b l (h d) -> b h l d", h=self.heads)
                    for project in (self.to_q, self.to_k, self.to_v))
         attn = F.scaled_dot_product_attention(q, k, v)                  # softmax(q k^T / sqrt(head_dim)) v
-        x = x + self.out_dropout(self.out(rearrange(attn, "b h l d -> b l (h d)")))
+        x = x + self.out(rearrange(attn, "b h l d -> b l (h d)"))
         return x + self.mlp(x)
 
 
