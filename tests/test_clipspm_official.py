@@ -15,6 +15,7 @@ from clipspm.config import resolve_config
 from clipspm.errors import ClipspmError
 from clipspm.pipeline import Episode, build_head, episode_step, frame_distances
 from clipspm.pipeline.methods.clipspm import released_head_widths, released_heads_state_dict, released_keys
+from clipspm.pipeline.released_layers import COSINE_EPSILON, released_cosine
 from tests.conftest import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -99,6 +100,7 @@ def test_official_is_the_default_profile_with_the_released_data():
         == (1.5, 0.5, 0.0025, 0.2)
     assert (cfg.model.num_heads, cfg.model.head_dim, cfg.model.mlp_hidden, cfg.model.prompt_hidden) == (8, 256, 2048,
                                                                                                          2048)
+    assert resolve_config("heads", "synthetic").model.head_dim == 16     # the smoke benchmark's scaled widths
     assert (cfg.model.attention_dropout, cfg.model.mlp_dropout, cfg.model.cosine_eps) == (0.2, 0.05, 0.01)
     assert (cfg.loss.ce, cfg.loss.aux_per_task, cfg.loss.lambda_h, cfg.loss.lambda_s) == ("sum", True, 0.001, 0.0)
     assert list(cfg.train.betas) == [0.5, 0.999] and cfg.train.episodes_per_step == 16
@@ -164,6 +166,7 @@ def test_released_cosine_adds_eps_to_the_norm_product():
     x, y = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     expected = 1 - (x @ y.T) / (x.norm(dim=-1)[:, None] * y.norm(dim=-1)[None] + 0.01)
     torch.testing.assert_close(frame_distances(x, y, eps=0.01), expected)
+    torch.testing.assert_close(frame_distances(x, y, eps=COSINE_EPSILON), 1 - released_cosine(x, y))
     torch.testing.assert_close(frame_distances(x, y), 1 - torch.cosine_similarity(x[:, None], y[None], dim=-1))
 
 

@@ -1,7 +1,7 @@
 """Hierarchical Synergistic Motion Refinement (Sec. 3.3, Eq. 7-8; SPEC section 2.4).
 
 HSMR only contributes the loss L_H: the features that go on to SPM are the original frames.
-`released=True` gives the variants of the authors' released code (SPEC section 6, official profile).
+`released=True` gives HSMR as the authors' released code has it (SPEC section 6, official profile).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from clipspm.pipeline.losses import condis
+from clipspm.pipeline.released_layers import MotionDifference
 
 
 class MotionFeatureExtractor(nn.Module):
@@ -19,14 +20,11 @@ class MotionFeatureExtractor(nn.Module):
     Φ is two temporal convolutions (kernel 3, padding 1, C -> C) with a GELU between them; without
     it the pair would collapse into one linear kernel-5 filter. Note that with Φ = identity the
     forward and backward differences cancel exactly, so the motion lives entirely in what Φ learns.
-    released: no GELU (motion_conv1 then motion_conv2) and m = mean_t ½(m_f + m_b) (get_motion_feats).
     """
 
-    def __init__(self, dim: int, released: bool = False):
+    def __init__(self, dim: int):
         super().__init__()
-        between = nn.Identity() if released else nn.GELU()     # Identity keeps the key names phi.0 / phi.2
-        self.phi = nn.Sequential(nn.Conv1d(dim, dim, 3, padding=1), between, nn.Conv1d(dim, dim, 3, padding=1))
-        self.scale = 0.5 if released else 1.0   # × 1.0 is exact: the paper's m is unchanged
+        self.phi = nn.Sequential(nn.Conv1d(dim, dim, 3, padding=1), nn.GELU(), nn.Conv1d(dim, dim, 3, padding=1))
 
     def forward(self, frames: Tensor) -> Tensor:
         if frames.shape[1] < 2:
@@ -34,19 +32,26 @@ class MotionFeatureExtractor(nn.Module):
         phi = rearrange(self.phi(rearrange(frames, "b t c -> b c t")), "b c t -> b t c")
         forward = phi[:, 1:] - frames[:, :-1]     # m_t^f = Φ(f)[t+1] - f[t]
         backward = phi[:, :-1] - frames[:, 1:]    # m_t^b = Φ(f)[t] - f[t+1]
-        return (self.scale * (forward + backward)).mean(1, keepdim=True)   # m = mean over t = 1..T-1 (paper: sum)
+        return (forward + backward).mean(1, keepdim=True)   # m = mean over t = 1..T-1 (paper: sum)
+
+
+class ReleasedMotionFeatureExtractor(MotionDifference):
+    """MFE as released (get_motion_feats): m = mean_t ½(m_f + m_b), Φ without a nonlinearity. [B, T, C] -> [B, 1, C]."""
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return super().forward(frames).mean(1, keepdim=True)
 
 
 class HSMR(nn.Module):
     """frames [B, T, C] -> d_h [B]: consistency of shallow and deep motion (Eq. 3, 7); `loss` reduces it to L_H.
 
-    released: L_H = α_h · (mean over supports + mean over queries), α_h learned from 1 (mo_alpha1);
-    the paper's L_H sums d_h over the videos (Eq. 15).
+    released: the released MFE, and L_H = α_h · (mean over supports + mean over queries), α_h learned
+    from 1 (mo_alpha1); the paper's L_H sums d_h over the videos (Eq. 15).
     """
 
     def __init__(self, dim: int, semantic_fusion: nn.Module, released: bool = False):
         super().__init__()
-        self.motion = MotionFeatureExtractor(dim, released=released)
+        self.motion = ReleasedMotionFeatureExtractor(dim) if released else MotionFeatureExtractor(dim)
         self.semantic_fusion = semantic_fusion     # the instance SPM uses as well
         self.alpha = nn.Parameter(torch.tensor(1.0)) if released else None
 

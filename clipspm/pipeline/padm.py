@@ -27,7 +27,7 @@ class PADMOutput:
 
 class PrototypeAnchorDualModulation(nn.Module):
     """One transformer layer, used on both sets: a paper `TransformerLayer(dim, heads, mlp_ratio, dropout)`,
-    or the layer given as `transformer` (the official profile's `ReleasedTransformerLayer`, context1)."""
+    or the layer given as `transformer` (the official profile's `ReleasedTransformer`, context1)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, transformer: nn.Module | None = None):
         super().__init__()

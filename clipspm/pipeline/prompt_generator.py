@@ -5,6 +5,8 @@ from __future__ import annotations
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
+from clipspm.pipeline.released_layers import feed_forward
+
 
 class PromptGenerator(nn.Module):
     """PG(f_TP [E, NK, 1, C] or [E, NK, C], f_X [E, V, T, C]) -> [E, V, 1, C].
@@ -14,7 +16,7 @@ class PromptGenerator(nn.Module):
     class-major episode their mean is the mean of the N class texts.
 
     released (token_trans of model_clipspm.py): the video summary is the mean over frames AND channels,
-    one scalar per video, and Υ ends with a second dropout (FeedForward). The released token is the mean
+    one scalar per video, and Υ is their FeedForward (a second dropout at the end). The released token is the mean
     of the query texts of the true classes and the support texts; in a class-balanced episode (M queries
     and K supports per class) that too is the mean of the N class texts, so no query label is read here.
     """
@@ -22,8 +24,8 @@ class PromptGenerator(nn.Module):
     def __init__(self, dim: int, dropout: float, hidden: int | None = None, released: bool = False):
         super().__init__()
         hidden = hidden or 2 * dim
-        layers = [nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)]
-        self.upsilon = nn.Sequential(*layers, nn.Dropout(dropout)) if released else nn.Sequential(*layers)
+        self.upsilon = (feed_forward(dim, hidden, dropout) if released else
+                        nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)))
         self.summary = "e v t c -> e v 1" if released else "e v t c -> e v c"
 
     def forward(self, support_text: Tensor, videos: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """Layers as the released code of the CLIP-FSAR family writes them (CLIP-FSAR `models/base/few_shot.py`;
 CLIP-MEI, CLIP-CPM2C, CLIP-SPM `models/myRes.py`: the same `Transformer_v1`, `FeedForward`, `cos_sim`),
-for the heads that reproduce that code (`methods/clipfsar.py`, `sten.py`, `cpm2c.py`, `clipmei.py`).
+for the heads that reproduce that code (`methods/clipfsar.py`, `sten.py`, `cpm2c.py`, `clipmei.py`, and
+the official profile of `clipspm.py`).
 
 They differ from the paper-reading modules of this package (`semantic_fusion`, `hsmr`) in ways that
 move results by more than 1e-5: cosine with +0.01 in the denominator, one LayerNorm shared by q, k

@@ -1,9 +1,9 @@
 """Semantic Fusion SF (Sec. 3.3.2, Eq. 9; SPEC section 2.3), and the transformer layer it is built on.
 
 One SF instance is shared by HSMR (motion prompt) and SPM (text prompts). `TransformerLayer` is
-also the "Transformer" of PADM (Eq. 14) and of the CLIP-FSAR baseline. `ReleasedTransformerLayer`
-and `ReleasedSemanticFusion` are the same two ideas as the authors' released code builds them
-(SPEC section 6): the official profile of CLIP-SPM.
+also the "Transformer" of PADM (Eq. 14). `ReleasedSemanticFusion` is SF as the authors' released
+code builds it (SPEC section 6), around `released_layers.ReleasedTransformer`: the official profile
+of CLIP-SPM.
 """
 
 from __future__ import annotations
@@ -45,38 +45,6 @@ class TransformerLayer(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
         x = x + self.dropout(self.proj(rearrange(attn, "b h l d -> b l (h d)")))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
-
-
-class ReleasedTransformerLayer(nn.Module):
-    """The released transformer (myRes.py Transformer_v1, depth 1) over tokens: [B, L, C] -> [B, L, C].
-
-    x + Dropout(W_o Attn(LN(x))) with q, k, v bias-free projections to `heads` x `head_dim` (independent of
-    C; released 8 x 256) and no dropout on the attention weights; then x + MLP(x) with no norm before the
-    MLP: Linear(C, hidden), GELU, Dropout, Linear(hidden, C), Dropout (FeedForward). No positional embedding.
-    """
-
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, attention_dropout: float,
-                 mlp_dropout: float):
-        super().__init__()
-        inner = heads * head_dim
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)              # one norm for q, k and v (PreNormattention_qkv)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        # A single head as wide as C has no output projection in the released Attention_qkv.
-        self.out = (nn.Identity() if heads == 1 and head_dim == dim else
-                    nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attention_dropout)))
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Dropout(mlp_dropout),
-                                 nn.Linear(mlp_hidden, dim), nn.Dropout(mlp_dropout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        normed = self.norm(x)
-        q, k, v = (rearrange(project(normed), "b l (h d) -> b h l d", h=self.heads)
-                   for project in (self.to_q, self.to_k, self.to_v))
-        attn = F.scaled_dot_product_attention(q, k, v)                  # softmax(q k^T / sqrt(head_dim)) v
-        x = x + self.out(rearrange(attn, "b h l d -> b l (h d)"))
-        return x + self.mlp(x)
 
 
 class SemanticFusion(nn.Module):

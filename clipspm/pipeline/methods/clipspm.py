@@ -21,7 +21,8 @@ from clipspm.pipeline.methods.registry import Method, register_method
 from clipspm.pipeline.otam import otam_distance
 from clipspm.pipeline.padm import PrototypeAnchorDualModulation
 from clipspm.pipeline.prompt_generator import PromptGenerator
-from clipspm.pipeline.semantic_fusion import ReleasedSemanticFusion, ReleasedTransformerLayer, SemanticFusion
+from clipspm.pipeline.released_layers import ReleasedTransformer
+from clipspm.pipeline.semantic_fusion import ReleasedSemanticFusion, SemanticFusion
 from clipspm.pipeline.spm import SemanticPrototypeModulation
 from clipspm.schema import LossOptions, ModelOptions
 
@@ -92,7 +93,7 @@ class CLIPSPMHead(nn.Module):
     episode (Eq. 15; official: L_H as `HSMR.loss` reduces it) and averaged over episodes.
 
     `profile` official builds the parts as the released code does (SPEC 6): `ReleasedSemanticFusion`
-    and `ReleasedTransformerLayer` for SF (context2) and PADM (context1), the released MFE, L_H and PG.
+    and `ReleasedTransformer` for SF (context2) and PADM (context1), the released MFE, L_H and PG.
     The forward is the same for both profiles: it is the released order of HSMR on the raw features,
     SPM (supports with their class text, queries with the generated prompt), PADM on SPM's output.
     """
@@ -170,9 +171,10 @@ def prototype_anchor_dual_modulation(dim: int, options: CLIPSPMOptions) -> Proto
     return PrototypeAnchorDualModulation(dim, options.num_heads, options.mlp_ratio, options.dropout, transformer)
 
 
-def released_transformer(dim: int, options: CLIPSPMOptions) -> ReleasedTransformerLayer:
-    return ReleasedTransformerLayer(dim, options.num_heads, options.head_dim, options.mlp_hidden,
-                                    options.attention_dropout, options.mlp_dropout)
+def released_transformer(dim: int, options: CLIPSPMOptions) -> ReleasedTransformer:
+    """context1 / context2 of the release: Transformer_v1(dim, heads=8, dim_head_k=256, dropout_atte=0.2)."""
+    return ReleasedTransformer(dim, options.num_heads, options.mlp_hidden, options.attention_dropout,
+                               options.mlp_dropout, head_dim=options.head_dim)
 
 
 @cache
