@@ -140,8 +140,10 @@ def test_batchnorm_running_stats_unchanged(video_root, cache_dir, tmp_path):
 
 
 def test_accumulated_episodes_equal_one_batched_step(video_root, cache_dir, tmp_path):
+    # The paper head: the official one's 8 x 256 attention has weights whose gradients are float noise, which
+    # Adam's first, sign-like step moves by a fraction of lr, past these tolerances.
     common = ["train.episodes=16", "train.episodes_per_step=16", "train.val_every=16", "train.log_every=16",
-              "model.dropout=0.0"]
+              "model.profile=paper", "model.dropout=0.0"]
     for micro in (1, 16):
         train_finetune(config(video_root, cache_dir, VIT, *common, f"finetune.micro_episodes={micro}"),
                        tmp_path / f"micro{micro}", progress=False)
@@ -186,7 +188,7 @@ def free_port() -> int:
 
 def test_two_process_torchrun_matches_single_process(video_root, cache_dir, tmp_path):
     extra = ["train.episodes=8", "train.episodes_per_step=4", "train.val_every=4", "train.log_every=4",
-             "finetune.workers=1"]
+             "finetune.workers=1", "model.profile=paper"]     # see test_accumulated_episodes_equal_one_batched_step
     single = tmp_path / "single"
     train_finetune(config(video_root, cache_dir, VIT, *extra), single, progress=False)
     two = tmp_path / "two"
