@@ -58,3 +58,14 @@ def describe_device(device: torch.device | str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu, {torch.get_num_threads()} torch thread(s)"
+
+
+def print_markdown_table(title: str, rows: list[dict]) -> None:
+    """`rows` as a Markdown table (the keys of the first row as its header) under `title`."""
+    print(f"{title}\n")
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---:" for _ in columns) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(row[column]) for column in columns) + " |")
+    print()

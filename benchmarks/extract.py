@@ -40,7 +40,7 @@ from benchmarks._timing import command_line, describe_device, interleaved, print
 from clipspm.datasets import load_dataset
 from clipspm.pipeline.encoder import load_clip, resolve_precision
 from clipspm.stages.extract import DEFAULTS, ExtractOptions, extract, video_loader, view_settings
-from clipspm.system import usable_cores
+from clipspm.system import thread_plan, usable_cores
 
 CHEAP_MODEL = "clipspm-tiny-vit"
 GPU_MODELS = ("RN50", "ViT-B-16")
@@ -54,7 +54,8 @@ def run(videos: int = 224, workers: tuple[int, ...] | None = None, models: tuple
     """videos/s of decoding alone and of `extract`, per source, model and worker count, best of `rounds`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = models or ((CHEAP_MODEL, *GPU_MODELS) if device == "cuda" else (CHEAP_MODEL,))
-    workers = workers or (min(DEFAULTS.run.workers, usable_cores()),)
+    # the worker counts extract runs with: at most the cores, on the CPU all but the encoder's (clipspm.system)
+    workers = sorted({thread_plan(device, count).workers for count in workers or (DEFAULTS.run.workers,)})
     rows = []
     for source in sources:
         where = _synthetic(videos) if source == "synthetic" else _ucf_like(videos)
@@ -89,15 +90,14 @@ def decode_only(dataset, views, options: ExtractOptions) -> float:
 
 def encode_only(clip, views, options: ExtractOptions, videos: int = 32) -> float:
     """videos/s of the encoder alone on random frames of a video's size, batched as `extract` batches them, with
-    the threads `extract` leaves it on the CPU (the cores its decoding workers do not take)."""
+    the threads `extract` gives it (clipspm.system's thread policy: on the CPU the cores its workers leave)."""
     frames_per_video = views.views * views.num_segments
     batch = max(1, options.batch_frames // frames_per_video) * frames_per_video
     calls = -(-videos * frames_per_video // batch)
     frames = torch.randint(0, 256, (batch, 3, views.crop, views.crop), dtype=torch.uint8)
     precision = resolve_precision(options.precision, clip.device)
     before = torch.get_num_threads()
-    if clip.device.type == "cpu":
-        torch.set_num_threads(max(1, min(before, usable_cores() - options.workers)))
+    torch.set_num_threads(thread_plan(clip.device, options.workers).threads)
     try:
         with torch.inference_mode():
             clip.encode_frames(frames, precision)          # warm-up

@@ -90,7 +90,8 @@ def extract(
     cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
     batch_frames: Annotated[Optional[int], typer.Option(help="Frames per encoder forward.")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        help="Decoding worker processes, at most the CPU cores (0: in the main process).")] = None,
+        help="Decoding worker processes (0: in the main process); at most the CPU cores, on the CPU all but the "
+             "encoder's ($CLIPSPM_THREADS: the cores to use).")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu. Default: CUDA when available.")] = None,

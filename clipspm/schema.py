@@ -91,8 +91,9 @@ class FinetuneConfig(Section):
                                                              "memory, ~1/3 more compute")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA where supported, else "
                                                                            "fp32 (fp16 would need loss scaling)")
-    workers: int = Field(8, ge=0, description="DataLoader processes decoding episodes, at most the CPU cores (0: in "
-                                              "the training process)")
+    workers: int = Field(8, ge=0, description="DataLoader processes decoding episodes (0: in the training process); "
+                                              "lowered to the CPU cores, on the CPU to all but the tower's threads "
+                                              "($CLIPSPM_THREADS: the cores to use)")
     val_batch: int = Field(32, ge=1, description="val videos per encoder forward at validation")
 
 

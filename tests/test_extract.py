@@ -156,16 +156,17 @@ def test_same_command_reuses_the_cache_and_other_settings_make_a_new_one(extract
     assert fresh.total == 10
 
 
-def test_more_workers_than_cores_are_lowered_to_the_cores(video_root, tiny_weights, tmp_path, monkeypatch, capsys):
+def test_more_workers_than_cores_are_lowered_to_leave_the_encoder_a_core(video_root, tiny_weights, tmp_path,
+                                                                          monkeypatch, capsys):
     import clipspm.stages.extract as stage
 
     used = []
-    monkeypatch.setattr(stage, "usable_cores", lambda: 1)
+    monkeypatch.setenv("CLIPSPM_THREADS", "2")
     monkeypatch.setattr(stage, "_encode_blocks", lambda writer, mine, dataset, clip, views, opts, *rest:
-                        used.append(opts.workers) or 0)
-    extract(options(video_root, tmp_path, tiny_weights, workers=3, splits=("val",)))   # the videos are not encoded
-    assert used == [1]
-    assert "--workers 3 lowered to the 1 CPU cores" in capsys.readouterr().err
+                        used.append((opts.workers, torch.get_num_threads())) or 0)
+    extract(options(video_root, tmp_path, tiny_weights, workers=3, splits=("val",), device="cpu"))   # none encoded
+    assert used == [(1, 1)], "on the CPU: one decoding worker, one encoder thread"
+    assert "--workers 3 lowered to 1: 1 torch thread(s) + 1 decoding worker(s) on 2 core(s)" in capsys.readouterr().err
 
 
 def test_verify_passes_on_a_sound_cache_and_names_damage(extracted, tmp_path):

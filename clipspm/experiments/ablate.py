@@ -47,7 +47,7 @@ from clipspm.stages.checkpoint import checkpoint_dir
 from clipspm.stages.evaluate import evaluate_run, finished_result
 from clipspm.stages.heads import train_heads
 from clipspm.stages.runs import CONFIG_NAME, load_run_config, open_run_cache
-from clipspm.system import make_console, resolve_device, usable_cores
+from clipspm.system import THREADS_VARIABLE, make_console, resolve_device, trainer_share
 
 
 @dataclass
@@ -251,7 +251,7 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
     outcomes: dict[int, JobOutcome] = {}
     failures: list[str] = []
     starts: list[float] = []
-    cpu_threads = max(1, usable_cores() // max(1, devices.count("cpu")))
+    cpu_threads = trainer_share(devices.count("cpu"), len(devices) - devices.count("cpu"))
 
     def serve(slot: int, device: str) -> None:
         try:
@@ -295,7 +295,8 @@ class _Worker:
         if device.startswith("cuda:"):   # the worker sees one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"], argument = device.split(":", 1)[1], "cuda"
         elif device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"], argument = "", str(cpu_threads), "cpu"
+            env["CUDA_VISIBLE_DEVICES"], argument = "", "cpu"
+            env[THREADS_VARIABLE] = env["OMP_NUM_THREADS"] = str(cpu_threads)   # its share of the cores
         else:
             argument = device
         self.device = device

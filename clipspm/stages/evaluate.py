@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from clipspm.errors import ClipspmError
 from clipspm.stages.episodes import EpisodeIndex, build_episode, episode_file_name, fixed_episodes
+from clipspm.system import keeps_caller_threads, resolve_device, use_threads
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -113,6 +114,7 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
     return TestRun(cfg, cache, test, head)
 
 
+@keeps_caller_threads
 def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | None = None,
                  checkpoint: str = "best", cache_path: Path | None = None, device: str | None = None,
                  progress: bool = True, console: Console | None = None) -> EvalResult:
@@ -129,6 +131,8 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     console = console or make_console()
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    device = str(resolve_device(device))
+    console.print(f"eval on {device}: {use_threads(device).describe()}")
     loaded = open_test_run(run_dir, checkpoint=checkpoint, cache_path=cache_path, device=device, console=console)
     cfg, cache, test, head = loaded.cfg, loaded.cache, loaded.test, loaded.head
     episodes = cfg.eval.episodes if episodes is None else episodes

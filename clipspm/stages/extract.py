@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +45,7 @@ from clipspm.datasets import Dataset, load_dataset
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import ClipModel, load_clip, resolve_precision
 from clipspm.stages import distributed
-from clipspm.system import make_console, usable_cores
+from clipspm.system import keeps_caller_threads, make_console, use_threads
 from clipspm.video.views import VideoItem, VideoViewsDataset, ViewSettings, collate_items
 
 DEFAULTS = load_config("extract")
@@ -109,6 +108,7 @@ class ExtractResult:
         return self.encoded_now / self.seconds if self.seconds > 0 else 0.0
 
 
+@keeps_caller_threads
 def extract(options: ExtractOptions) -> ExtractResult:
     """Make (or reuse, or resume) the feature cache that `options` describe."""
     if options.format not in STORE_NAMES:
@@ -118,11 +118,12 @@ def extract(options: ExtractOptions) -> ExtractResult:
     dist = distributed.setup(options.device)
     console = make_console(quiet=not dist.is_main)
     started = time.perf_counter()
-    cores = usable_cores()
-    if options.workers > cores:   # more decoding processes than cores only compete with each other and the encoder
+    threads = use_threads(dist.device, options.workers)   # decoding workers and the encoder share the cores
+    if threads.workers < options.workers:
         if options.workers != DEFAULTS.run.workers:
-            console.print(f"--workers {options.workers} lowered to the {cores} CPU cores of this machine")
-        options = replace(options, workers=cores)
+            console.print(f"--workers {options.workers} lowered to {threads.workers}: {threads.describe()}")
+        options = replace(options, workers=threads.workers)
+    console.print(f"extract on {dist.device}: {threads.describe()}")
 
     dataset = _load_dataset_once(options, dist)
     clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,
@@ -163,8 +164,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
                            checksums_recorded=plan.recorded)
     mine = (blocks if dist.is_main else []) if solo else blocks[dist.rank::dist.world_size]
     encode_started = time.perf_counter()
-    with _encoder_threads(clip.device, options.workers):
-        encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
+    encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
     encode_seconds = time.perf_counter() - encode_started
 
     dist.barrier()
@@ -248,20 +248,6 @@ def video_loader(dataset: Dataset, rows: list[int], views: ViewSettings, options
     return DataLoader(VideoViewsDataset(videos, views, options.seed), batch_size=videos_per_batch,
                       num_workers=options.workers, collate_fn=collate_items,
                       prefetch_factor=4 if options.workers > 0 else None)
-
-
-@contextmanager
-def _encoder_threads(device: torch.device, workers: int):
-    """On the CPU the decoding workers and the encoder share the cores. The encoder gets the cores
-    the workers leave (at least one): more threads than cores make the idle ones spin and slow
-    the decoding down by more than they speed up the encoder. The caller's setting comes back after."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, min(before, usable_cores() - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel, views: ViewSettings) -> dict:

@@ -60,12 +60,13 @@ from clipspm.stages.runs import (
     training_progress,
     val_episodes,
 )
-from clipspm.system import make_console, usable_cores
+from clipspm.system import keeps_caller_threads, make_console, use_threads
 from clipspm.video.decode import VideoReadError
 from clipspm.video.sampling import video_rng
 from clipspm.video.views import VideoViewsDataset, ViewSettings, collate_items, load_views
 
 
+@keeps_caller_threads
 def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init: Path | None = None,
                    progress: bool = True, device: str | None = None, console: Console | None = None) -> TrainResult:
     """Fine-tune (or resume) the run that `cfg` describes into `run_dir`; under torchrun every rank calls it.
@@ -78,6 +79,9 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     console = console or make_console(quiet=not dist.is_main)
     started = time.perf_counter()
     ft, t = cfg.finetune, cfg.train
+    threads = use_threads(dist.device, ft.workers)   # decoding workers and the tower's threads share the cores
+    workers = threads.workers
+    console.print(f"finetune on {dist.device}: {threads.describe()}")
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if init is not None and not resume:
@@ -95,7 +99,6 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     views = ViewSettings(num_segments=cache.num_frames, train_views=1, shorter_side=settings["resize_shorter_side"],
                          crop=settings["crop"], hflip=settings["hflip"])   # SPEC section 1, as extracted
     precision = training_precision(ft.precision, dist.device)
-    workers = min(ft.workers, usable_cores())   # more decoding processes than cores only compete
 
     # ---- model: the tower (chosen blocks trainable, BatchNorm statistics frozen) and the heads
     tower = clip.model.visual

@@ -34,9 +34,10 @@ from clipspm.stages.runs import (
     training_progress,
     val_episodes,
 )
-from clipspm.system import make_console, resolve_device
+from clipspm.system import keeps_caller_threads, make_console, resolve_device, use_threads
 
 
+@keeps_caller_threads
 def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
                 device: str | None = None, console: Console | None = None) -> TrainResult:
     """Train (or resume) a heads run described by the resolved config `cfg` into `run_dir`.
@@ -49,6 +50,7 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    console.print(f"heads on {device}: {use_threads(device).describe()}")
     started = time.perf_counter()
     cache = open_run_cache(cfg, run_dir, resume=resume, console=console)
     train, val = load_run_data(cache, cfg, "train", device), load_run_data(cache, cfg, "val", device, test_view=True)
