@@ -4,8 +4,8 @@ Run `python benchmarks/threads.py [--rounds N] [--competitors N] [--quick]`; `ru
 What the thread policy of clipspm/system.py rests on. Workloads, each forward + backward on the CPU:
 
     OTAM           `otam_distance` on [1, 20, 8, 512] queries and [1, 5, 8, 512] prototypes (bidirectional)
-    heads step     the heads trainer's optimiser step (build_episode, episode_step, backward, Adam), shipped
-                   heads config, on 4 5-way 1-shot episodes of random features at C=512 (a quarter of the
+    heads step     the heads trainer's loop body (benchmarks/heads.py `trainer_steps`: episodes drawn, the
+                   stage's `training_step`, metrics read back), shipped heads config, on 4 5-way 1-shot episodes of random features at C=512 (a quarter of the
                    shipped 16-episode step: on a loaded 2-core CPU the whole step at C=1024 takes ~30 s)
     finetune step  the finetune stage's `forward_episodes` with the tiny ViT tower (random weights, whole tower
                    trainable, the stage's activation checkpointing) on one 5-way 1-shot 4-query episode of
@@ -39,14 +39,13 @@ if __package__ in (None, ""):  # run as `python benchmarks/threads.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import command_line, print_markdown_table, seconds_per_call
-from benchmarks.heads import _random_split
+from benchmarks.heads import random_split, trainer_steps
 from clipspm.config import load_config, resolve_config
 from clipspm.pipeline.encoder import load_clip
-from clipspm.pipeline.episode import episode_step
 from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.otam import otam_distance
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
-from clipspm.stages.episodes import EpisodeSampler, build_episode, step_generator
+from clipspm.stages.episodes import EpisodeSampler, step_generator
 from clipspm.stages.finetune import MicroBatch, forward_episodes, training_precision
 from clipspm.system import usable_cores
 
@@ -69,29 +68,11 @@ def _otam() -> Callable[[], None]:
 
 
 def _heads_step() -> Callable[[], None]:
-    """The heads trainer's optimiser step (clipspm/stages/heads.py) on the benchmark's random features."""
+    """The heads trainer's loop body (benchmarks/heads.py `trainer_steps`) on random features."""
     cfg = resolve_config("heads", "synthetic", overrides=[f"train.shots={SHOTS}",
                                                           f"train.episodes_per_step={HEADS_EPISODES}"])
-    t = cfg.train
-    data = _random_split(64, HEADS_DIM, 1 + EXTRACT.train_views, torch.device("cpu"))
-    torch.manual_seed(t.seed)
-    head = build_head(cfg.model, cfg.loss, HEADS_DIM)
-    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=t.lr)
-    sampler = EpisodeSampler(data.labels, t.ways, t.shots, t.queries)
-    base_classes = data.labels.unique()
-    steps = itertools.count()
-
-    def step() -> None:
-        generator = step_generator(t.seed, next(steps), torch.device("cpu"))
-        index = sampler.sample(t.episodes_per_step, generator)
-        episode = build_episode(index, data.features, data.labels, data.class_text,
-                                data.random_views(index, generator), base_classes)
-        head.train()
-        result = episode_step(head, episode, cfg.loss, t.episodes_per_step)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
-    return step
+    data = random_split(64, HEADS_DIM, 1 + EXTRACT.train_views, torch.device("cpu"))
+    return trainer_steps(cfg, data, torch.device("cpu"))[0]
 
 
 def _finetune_step() -> Callable[[], None]:

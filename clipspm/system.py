@@ -4,7 +4,7 @@ A stage's CPU work is its torch intra-op threads plus its DataLoader decoding wo
 each: torch sets one in every worker, decord is opened with one). On the CPU the two never add up
 to more than the cores the process may keep busy: an OpenMP thread pool that shares its cores with
 another busy process waits at every barrier for a descheduled thread, and a small op then takes
-20-40x as long (benchmarks/threads.py). On a GPU the torch threads are left as they are, and only
+about 20x as long (OTAM; benchmarks/threads.py). On a GPU the torch threads are left as they are, and only
 the decoding workers are held to the cores.
 
 The cores a process may keep busy: $CLIPSPM_THREADS when set (the user's choice on a shared machine,

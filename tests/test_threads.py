@@ -116,7 +116,7 @@ def _record_threads(monkeypatch, module, name: str) -> list[int]:
 
 def test_heads_stage_trains_with_the_planned_threads(synthetic_cache, tmp_path, monkeypatch, capsys, caller_threads):
     monkeypatch.setenv(THREADS_VARIABLE, "1")
-    seen = _record_threads(monkeypatch, heads_stage, "episode_step")
+    seen = _record_threads(monkeypatch, heads_stage, "episode_loss")
     train_heads(heads_config(synthetic_cache, "train.episodes=32", "train.val_every=32", "train.val_episodes=10"),
                 tmp_path / "run", progress=False, device="cpu")
     assert seen and set(seen) == {1}
