@@ -5,8 +5,9 @@ What the thread policy of clipspm/system.py rests on. Workloads, each forward + 
 
     OTAM           `otam_distance` on [1, 20, 8, 512] queries and [1, 5, 8, 512] prototypes (bidirectional)
     heads step     the heads trainer's loop body (benchmarks/heads.py `trainer_steps`: episodes drawn, the
-                   stage's `training_step`, metrics read back), shipped heads config, on 4 5-way 1-shot episodes of random features at C=512 (a quarter of the
-                   shipped 16-episode step: on a loaded 2-core CPU the whole step at C=1024 takes ~30 s)
+                   stage's `training_step`, metrics read back), shipped heads config, on 4 5-way 1-shot
+                   episodes of random features at C=512 (a quarter of the shipped 16-episode step, at
+                   ViT-B/16's width: a round takes seconds, not minutes, on 2 cores)
     finetune step  the finetune stage's `forward_episodes` with the tiny ViT tower (random weights, whole tower
                    trainable, the stage's activation checkpointing) on one 5-way 1-shot 4-query episode of
                    random 8-frame videos, and its backward
