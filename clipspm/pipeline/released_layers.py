@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from clipspm.errors import ClipspmError
-from clipspm.pipeline.otam import otam_cumulative
+from clipspm.pipeline.otam import frame_distances, otam_distance
 
 COSINE_EPSILON = 0.01   # their cos_sim: x·y / (|x| |y| + 0.01), an offset rather than a clamp
 
@@ -23,8 +23,7 @@ COSINE_EPSILON = 0.01   # their cos_sim: x·y / (|x| |y| + 0.01), an offset rath
 def released_cosine(x: Tensor, y: Tensor) -> Tensor:
     """Their cosine of every row of x with every row of y: [..., A, C], [..., B, C] -> [..., A, B];
     leading dims broadcast."""
-    norms = x.norm(dim=-1).unsqueeze(-1) * y.norm(dim=-1).unsqueeze(-2)
-    return x @ y.transpose(-1, -2) / (norms + COSINE_EPSILON)
+    return 1 - frame_distances(x, y, COSINE_EPSILON)
 
 
 def released_otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidirectional: bool = True) -> Tensor:
@@ -33,9 +32,7 @@ def released_otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidi
     Bidirectional is OTAM(D) + OTAM(D^T), D rows indexed by query frames; a prototype set of one
     (the anchor of CLIP-MEI) broadcasts over the queries or the other way round.
     """
-    dists = 1 - released_cosine(rearrange(query, "e q t c -> e q 1 t c"), rearrange(protos, "e p s c -> e 1 p s c"))
-    distance = otam_cumulative(dists, lam)
-    return distance + otam_cumulative(dists.transpose(-1, -2), lam) if bidirectional else distance
+    return otam_distance(query, protos, lam, bidirectional, cosine_eps=COSINE_EPSILON)
 
 
 def consistency_distance(a: Tensor, b: Tensor) -> Tensor:
