@@ -15,7 +15,8 @@ import difflib
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
@@ -165,33 +166,32 @@ def validate_section(cls: type[BaseModel], values: Mapping, section: str) -> Bas
 def describe_type(cls: type[BaseModel], name: str) -> str:
     """What a field accepts, in words: 'true or false', 'an integer >= 1', 'one of all, last', ..."""
     field = cls.model_fields[name]
-    annotation, optional = field.annotation, False
-    args = get_args(annotation)
-    if type(None) in args:
-        optional = True
-        annotation = next(arg for arg in args if arg is not type(None))
+    args = [arg for arg in get_args(field.annotation) if arg is not type(None)]
+    optional = type(None) in get_args(field.annotation)
+    kinds = args if get_origin(field.annotation) in (Union, UnionType) else [field.annotation]
     bounds = []
     for item in field.metadata:
         for attribute, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if isinstance(item, getattr(annotated_types, attribute.capitalize())):
                 bounds.append(f"{symbol} {getattr(item, attribute)}")
-    if get_origin(annotation) is Literal:
-        text = "one of " + ", ".join(str(value) for value in get_args(annotation))
-    elif annotation is bool:
-        text = "true or false"
-    elif annotation is int:
-        text = "an integer"
-    elif annotation is float:
-        text = "a number"
-    elif annotation is str:
-        text = "a string"
-    elif get_origin(annotation) is list:
-        text = f"a list of {len(field.default)} numbers" if isinstance(field.default, list) else "a list"
-    else:
-        text = getattr(annotation, "__name__", str(annotation))
+        if isinstance(item, annotated_types.MinLen) and any(get_origin(kind) is list for kind in kinds):
+            bounds.append(f"of at least {item.min_length} items")
+    text = ", or ".join(_describe_kind(kind) for kind in kinds)
     if bounds:
         text += " " + " and ".join(bounds)
     return text + (" or null" if optional else "")
+
+
+def _describe_kind(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(value) for value in get_args(annotation))
+    plurals = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    if get_origin(annotation) is list:
+        items = get_args(annotation)
+        item = get_args(items[0])[0] if items and get_origin(items[0]) is Annotated else (items or [None])[0]
+        return f"a list of {plurals.get(item, 'values')}" if items else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _error_message(cls: type[BaseModel], item: dict, section: str) -> str:

@@ -111,8 +111,10 @@ class LossOptions(Section):
 
     ce: Literal["mean", "sum"] = Field("mean", description="cross-entropy over an episode's queries: mean, or sum "
                                                            "(the released CLIP-SPM code family, utils.loss)")
-    aux_per_task: bool = Field(False, description="each episode adds its auxiliary losses in full (released 16-task "
-                                                  "accumulation) instead of a 1/episodes_per_step share")
+    aux_per_task: bool | list[str] = Field(False, description="each episode adds its auxiliary losses in full "
+                                                              "(released 16-task accumulation) instead of a "
+                                                              "1/episodes_per_step share: true for all of them, or "
+                                                              "the list of those that do")
 
 
 SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -132,10 +132,10 @@ def episode_step(head: nn.Module, episode: Episode, loss_cfg: Mapping, episodes_
     """Forward the head and assemble L = CE + Σ weight * aux (Eq. 15), averaged over the E episodes.
 
     `loss_cfg.ce`: "mean" averages the cross-entropy over an episode's queries, "sum" adds it up (the
-    released CLIP-SPM code family). `loss_cfg.aux_per_task`: each episode adds its auxiliary losses in
-    full, as the released 16-task accumulation does, rather than a 1/E share: they are then scaled by
-    `episodes_per_step` (default: this batch's E), so that a step split into micro-batches (finetune)
-    and one batched step (heads) give the same gradient.
+    released CLIP-SPM code family). `loss_cfg.aux_per_task` (true, or a list of aux names): each episode
+    adds those auxiliary losses in full, as the released 16-task accumulation does, rather than a 1/E
+    share: they are then scaled by `episodes_per_step` (default: this batch's E), so that a step split
+    into micro-batches (finetune) and one batched step (heads) give the same gradient.
     """
     loss, logits, metrics = episode_loss(head, episode, loss_cfg, episodes_per_step)
     return StepResult(loss=loss, logits=logits, metrics=metric_values(metrics))
@@ -149,12 +149,14 @@ def episode_loss(head: nn.Module, episode: Episode, loss_cfg: Mapping, episodes_
     labels = episode.query_labels
     ce = F.cross_entropy(rearrange(out.logits, "e q n -> (e q) n"), labels.flatten())  # mean over queries, episodes
     loss = ce * labels.shape[1] if loss_cfg.get("ce", "mean") == "sum" else ce
-    aux_scale = (episodes_per_step or episode.num_episodes) if loss_cfg.get("aux_per_task", False) else 1
+    per_task = loss_cfg.get("aux_per_task", False)
     for name, value in out.aux.items():
         weight = AUX_LOSS_WEIGHTS.get(name, name)
         if weight not in loss_cfg:
             raise KeyError(f"head returned an auxiliary loss {name!r} with no weight {weight!r} in its loss options")
-        loss = loss + aux_scale * loss_cfg[weight] * value
+        in_full = per_task is True or (not isinstance(per_task, bool) and name in per_task)
+        scale = (episodes_per_step or episode.num_episodes) if in_full else 1
+        loss = loss + scale * loss_cfg[weight] * value
     accuracy = (out.logits.argmax(-1) == labels).float().mean()
     metrics = dict(zip(["loss", "ce", "accuracy", *out.aux], (loss, ce, accuracy, *out.aux.values())))
     return loss, out.logits, {name: value.detach().float() for name, value in metrics.items()}

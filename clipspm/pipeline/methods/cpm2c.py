@@ -54,9 +54,8 @@ class CPM2COptions(ModelOptions):
 class CPM2CLoss(LossOptions):
     video_text: float = Field(0.5, ge=0, description="weight of the video-text cross-entropy over the base classes, "
                                                      "summed over the episode's videos (released LMD[0])")
-    consistency: float = Field(0.016, ge=0, description="weight of the consistency distance per episode: the "
-                                                        "released 0.001 per task x 16 tasks per optimiser step "
-                                                        "(with aux_per_task false, as video_text is per step)")
+    consistency: float = Field(0.001, ge=0, description="weight of the consistency distance, added in full by each "
+                                                        "episode (loss.aux_per_task: [consistency], as released)")
 
 
 class Stream(NamedTuple):
