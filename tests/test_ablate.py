@@ -97,6 +97,37 @@ def test_paper_numbers_are_those_of_the_paper():
     assert templates["R1"] == {1: 76.1} and templates["R16"] == {1: 77.4, 3: 82.6, 5: 84.5}  # Fig. 5 + Table 1
 
 
+def test_the_comparison_table_takes_each_methods_row_of_tables_1_and_2():
+    settings = SuiteSettings(dataset="hmdb51", backbone="RN50", cache="", shots=[1, 3, 5], overrides=[],
+                             eval_episodes=1, eval_queries=1, eval_seed=0)
+    table1 = paper_numbers(load_suite("baselines"), settings)
+    assert table1["clipfsar"] == {1: 69.2, 3: 77.6, 5: 80.3} and table1["sten"] == {1: 59.1, 5: 78.1}
+    assert table1["cpm2c"][1] == 66.3 and table1["clipmei"] == {1: 76.4, 3: 83.0, 5: 84.9}
+    assert table1["clipspm"] == {1: 77.4, 3: 82.6, 5: 84.5} and table1["otam"][1] == 64.5    # Table 3, no component
+    assert "trx" not in table1 and "hyrsm" not in table1     # printed for INet-RN50 only: not this backbone
+    vit = paper_numbers(load_suite("baselines"), SuiteSettings(**{**settings.__dict__, "backbone": "ViT-B-16",
+                                                                   "dataset": "kinetics100"}))
+    assert vit["clipmei"] == {1: 87.7, 3: 95.3, 5: 96.0} and vit["sten"] == {1: 83.0, 5: 91.4}
+
+
+def test_the_baselines_suite_trains_and_scores_every_method_from_one_cache(synthetic_cache, tmp_path):
+    """Every registered method that runs from a feature cache is a row; each is scored on the same episodes."""
+    from clipspm.pipeline.methods import methods
+
+    suite = load_suite("baselines")
+    from_cache = {name for name, m in methods().items() if not m.missing_inputs}
+    assert {variant.name for variant in suite.variants} == from_cache
+    result, _ = run_quietly(suite_options(synthetic_cache, tmp_path / "runs", "baselines", shots=(1,)))
+    assert not result.report.missing
+    report = result.report.markdown.read_text()
+    for variant in suite.variants:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {variant.label} |"))
+        assert variant.columns["venue"] in row and "± " in row, row
+    episodes = {json.loads((p.parent / "results.json").read_text())["episodes_sha256"]
+                for p in (tmp_path / "runs").rglob("results.json")}
+    assert len(episodes) == 1
+
+
 def test_suite_files_are_checked_with_clear_errors():
     good = {"reference": "a", "variants": [{"name": "a", "set": ["model.padm=false"]}]}
     parse_suite(good, default_name="mine", source="mine.yaml")

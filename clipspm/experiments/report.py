@@ -77,13 +77,20 @@ def write_report(suite_dir: Path, *, device: str | None = None, console: Console
 
 
 def paper_numbers(suite: Suite, settings: SuiteSettings) -> dict[str, dict[int, float]]:
-    """The paper's accuracy per variant and K for this dataset and backbone; the reference variant falls back
-    to the full model's Table 1/2 row where the suite's own table lacks a K."""
+    """The paper's accuracy per variant and K for this dataset and backbone. A variant the suite's own table
+    lacks falls back to its method's Table 1/2 row (`methods:`), the reference variant to the full model's."""
     if suite.paper is None:
         return {}
     data = yaml.safe_load(PAPER_RESULTS.read_text())
     table = data["suites"].get(suite.paper, {}).get(settings.backbone, {}).get(settings.dataset, {})
     numbers = {name: dict(values) for name, values in table.items()}
+    for variant in suite.variants:
+        # a variant that is another method (model.kind=NAME) takes that method's row of Tables 1-2
+        kinds = [o.split("=", 1)[1] for o in variant.overrides if o.startswith("model.kind=")]
+        methods = data["methods"].get(kinds[-1], {}) if kinds else {}
+        row = methods.get(settings.backbone, {}).get(settings.dataset, {})
+        if row:
+            numbers[variant.name] = {**row, **numbers.get(variant.name, {})}
     full = data["full_model"].get(settings.backbone, {}).get(settings.dataset, {})
     if full:
         numbers[suite.reference] = {**full, **numbers.get(suite.reference, {})}
