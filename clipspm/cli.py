@@ -408,7 +408,8 @@ def demo(
 def ablate(
     suite: Annotated[str, typer.Option(
         help="A shipped suite - components (Table 3), fusion (Table 4), consistency (Table 5), templates (Fig. 5), "
-             "baselines - or the path of your own suite YAML file (format: clipspm/configs/suites/*.yaml).")],
+             "baselines (Tables 1-2), heads_lr, profiles (official vs paper) - or the path of your own suite YAML "
+             "file (format: clipspm/configs/suites/*.yaml).")],
     dataset: DatasetOpt = "synthetic",
     root: RootOpt = None,
     backbone: BackboneOpt = None,
