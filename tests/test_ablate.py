@@ -160,15 +160,44 @@ def test_suite_on_one_cache_makes_every_row_and_figure(components, synthetic_cac
     for variant in suite.variants:
         marks = " | ".join("✓" if variant.columns[c] else "✗" for c in suite.columns)
         assert markdown.count(f"| {variant.label} | {marks} |") == 2, variant   # accuracy and paired tables
+    assert markdown.startswith("# Component analysis (Table 3): synthetic, clipspm-tiny-vit, heads stage")
+    assert "Heads stage: each run trained its heads on the frozen CLIP features" in markdown
+    assert "Each run's checkpoint was chosen on the val split." in markdown
     with open(result.report.csv) as handle:
         rows = list(csv.DictReader(handle))
     assert [row["variant"] for row in rows] == [v.name for v in suite.variants]
-    assert all(0 <= float(row[f"{k}shot_accuracy"]) <= 100 for row in rows for k in (1, 3))
+    assert all(0 <= float(row[f"{k}shot_accuracy"]) <= 100 for row in rows for k in (1, 3) if row["variant"] != "hsmr")
+    assert {(row["stage"], row["select_on"]) for row in rows} == {("heads", "val")}
     names = {path.name for path in result.report.figures}
     assert names == {"training_curves.png", "ablation_bars.png", "embedding_tsne.png"}
     for path in result.report.figures:
         assert_not_blank(path)
     assert not result.report.missing
+
+
+def test_heads_stage_row_whose_training_cannot_reach_the_logits_is_marked_not_printed(components):
+    """HSMR alone trains only its own parameters for L_H; none of them feed the distance, so in the heads stage
+    the row is the untrained OTAM baseline, episode by episode. The report says so instead of a number."""
+    _, result, _ = components
+    suite_dir = result.suite_dir
+
+    def per_episode(run: str) -> np.ndarray:
+        digest = json.loads((suite_dir / run / "results.json").read_text())["episodes_sha256"]
+        return np.load(suite_dir / run / f"episode_accuracy-{digest[:12]}.npy")
+
+    for k in (1, 3):
+        assert np.array_equal(per_episode(f"hsmr-{k}shot"), per_episode(f"none-{k}shot")), "what the mark claims"
+    assert set(result.report.not_results) == {("hsmr", 1), ("hsmr", 3)}
+    markdown = result.report.markdown.read_text()
+    assert markdown.count("| HSMR | ✓ | ✗ | ✗ | not a result † | not a result † |") == 2   # both tables
+    assert ("- † HSMR: no trained parameter reaches the logits (those of hsmr feed only auxiliary losses), so "
+            "training cannot change a score: the row is the untrained model.") in markdown
+    assert "- HSMR + PADM: the parameters of hsmr train but do not reach the logits" in markdown
+    with open(result.report.csv) as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert rows["hsmr"]["1shot_accuracy"] == rows["hsmr"]["3shot_difference"] == ""
+    assert rows["hsmr"]["not_a_result"].startswith("no trained parameter reaches the logits")
+    assert rows["hsmr-padm"]["not_a_result"] == "" and rows["hsmr-padm"]["1shot_accuracy"] != ""
 
 
 def test_second_run_reuses_the_cache_and_the_finished_variants(components):

@@ -84,6 +84,8 @@ class SuiteSettings:
     eval_episodes: int
     eval_queries: int
     eval_seed: int
+    stage: str = "heads"       # heads: from the cache; finetune: end to end, the visual tower trained too
+    select_on: str = "val"     # the split whose episodes chose each run's checkpoint (train.select_on)
 
 
 def shipped_suites() -> list[str]:
@@ -154,8 +156,12 @@ def _parse_variant(item: Any, columns: tuple[str, ...], where: str) -> Variant:
     return Variant(name=name, label=str(item.get("label") or name), columns=values, overrides=tuple(overrides))
 
 
-def suite_dir_name(dataset: str, backbone: str, suite: Suite) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", f"ablate-{dataset}-{backbone}-{suite.name}")
+def suite_dir_name(dataset: str, backbone: str, suite: Suite, stage: str = "heads", select_on: str = "val") -> str:
+    """ablate-{dataset}-{backbone}-{suite}, with -ft for the finetune stage (as `train` names its runs) and
+    -select-test when checkpoints are chosen on the test split, so that both protocols can share a runs dir."""
+    name = f"ablate-{dataset}-{backbone}-{suite.name}" + ("-ft" if stage == "finetune" else "") \
+        + ("-select-test" if select_on == "test" else "")
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
 
 
 def run_dir_of(suite_dir: Path, variant: Variant, shots: int) -> Path:
@@ -163,8 +169,9 @@ def run_dir_of(suite_dir: Path, variant: Variant, shots: int) -> Path:
 
 
 def variant_config(settings: SuiteSettings, variant: Variant, shots: int) -> DictConfig:
-    """The resolved heads config of one variant at K = `shots`: shared settings, then the variant's overrides."""
-    return resolve_config("heads", settings.dataset,
+    """The resolved config of one variant at K = `shots` for the suite's stage: shared settings, then the
+    variant's overrides."""
+    return resolve_config(settings.stage, settings.dataset,
                           overrides=[*settings.overrides, *variant.overrides, f"train.shots={shots}"])
 
 
