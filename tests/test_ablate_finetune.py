@@ -24,10 +24,12 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
+from clipspm.config import resolve_config
 from clipspm.experiments.ablate import AblateOptions, run_ablation
 from clipspm.experiments.reach import config_reach, logit_reach
 from clipspm.experiments.suites import SuiteSettings, load_suite, shipped_suites, variant_config
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
+from clipspm.pipeline.methods import methods
 from clipspm.pipeline.otam import otam_distance
 from clipspm.stages.extract import ExtractOptions, extract
 from tests.conftest import run_cli
@@ -214,3 +216,13 @@ def test_only_hsmr_alone_in_the_heads_stage_is_marked_among_the_shipped_suites(s
     marked = {(name, variant.name) for name in shipped_suites() for variant in load_suite(name).variants
               if config_reach(variant_config(settings, variant, 1), dim=64, frames=8, stage=stage).scores_fixed}
     assert marked == ({("components", "hsmr")} if stage == "heads" else set())
+
+
+def test_every_registered_method_that_trains_can_change_its_scores():
+    """At its default options, no method usable from a cache trains only parameters that miss its logits."""
+    for name, method in methods().items():
+        if method.refusal() is None:
+            cfg = resolve_config("heads", "synthetic", overrides=[f"model.kind={name}"])
+            reach = config_reach(cfg, dim=64, frames=8, stage="heads")
+            assert not reach.scores_fixed, name
+            assert bool(reach.reaching) == method.trainable, name
