@@ -401,7 +401,8 @@ def compare(
     c = compare_runs(run_a, run_b)
     for name, run, accuracy, select_on in (("A", run_a, c.accuracy_a, c.select_on_a),
                                            ("B", run_b, c.accuracy_b, c.select_on_b)):
-        console.print(f"{name} {run}: {100 * accuracy:.2f} % (checkpoint chosen {_selection_text(select_on)})")
+        chosen = "on the TEST split: optimistic" if select_on == "test" else "on the val split"
+        console.print(f"{name} {run}: {100 * accuracy:.2f} % (checkpoint chosen {chosen})")
     verdict = "significant" if c.significant else "not significant"
     console.print(f"A - B = {100 * c.difference:+.2f} ± {100 * c.ci95:.2f} points (95% CI, paired over "
                   f"{c.episodes} episodes): {verdict}")

@@ -313,7 +313,8 @@ def test_a_failing_variant_does_not_stop_the_others_and_a_rerun_finishes_it(synt
 
 def test_cli_help_explains_every_option():
     shown = CliRunner().invoke(app, ["ablate", "--help"], terminal_width=200).output
-    for option in ("--suite", "--dataset", "--root", "--backbone", "--pretrained", "--shots", "--episodes",
+    for option in ("--suite", "--stage", "--select-on", "--dataset", "--root", "--backbone", "--pretrained", "--shots",
+                   "--episodes",
                    "--eval-episodes", "--eval-queries", "--set", "--parallel", "--devices", "--cache-dir",
                    "--runs-dir"):
         assert option in shown, option
