@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipspm.cli import app
+from clipspm.config import resolve_config
 from clipspm.errors import ClipspmError
 from clipspm.experiments.ablate import AblateOptions, run_ablation
 from clipspm.experiments.report import paper_numbers
@@ -75,16 +76,30 @@ def components(synthetic_cache, tmp_path_factory):
 
 def test_shipped_suites_are_valid_and_every_variant_resolves():
     assert {"components", "fusion", "consistency", "templates", "baselines"} <= set(shipped_suites())
-    settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
-                             overrides=[], eval_episodes=10, eval_queries=1, eval_seed=0)
     for name in shipped_suites():
         suite = load_suite(name)
+        settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
+                                 overrides=[*suite.overrides], eval_episodes=10, eval_queries=1, eval_seed=0)
         for variant in suite.variants:
             variant_config(settings, variant, 1)   # unknown keys or bad values would raise
     components = load_suite("components")
     on_off = {tuple(v.columns.values()) for v in components.variants}
     assert len(on_off) == 8 and components.reference == "full"
     assert [v.name for v in load_suite("templates").variants] == ["R1", "R4", "R7", "R10", "R13", "R16"]
+
+
+def test_consistency_suite_builds_its_rows_in_the_paper_profile_that_has_the_terms():
+    """Under the default profile (official: L_S weighted 0) Table 5's rows would be one model."""
+    assert resolve_config("heads", "synthetic").model.profile == "official"
+    suite = load_suite("consistency")
+    assert suite.overrides == ("model.profile=paper",) and "model.profile=paper" in suite.note
+    settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
+                             overrides=[*suite.overrides], eval_episodes=10, eval_queries=1, eval_seed=0)
+    configs = {variant.name: variant_config(settings, variant, 1) for variant in suite.variants}
+    assert {cfg.model.profile for cfg in configs.values()} == {"paper"}
+    assert {name: (cfg.model.support_consistency, cfg.model.query_consistency) for name, cfg in configs.items()} \
+        == {"none": (False, False), "support": (True, False), "query": (False, True), "both": (True, True)}
+    assert configs["both"].loss.lambda_s > 0
 
 
 def test_paper_numbers_are_those_of_the_paper():
@@ -139,6 +154,10 @@ def test_suite_files_are_checked_with_clear_errors():
         parse_suite({**good, "variants": [{"name": "a", "set": ["model.padm"]}]}, default_name="m", source="m.yaml")
     with pytest.raises(ClipspmError, match="no shipped suite"):
         load_suite("componentz")
+    with pytest.raises(ClipspmError, match=r"mine.yaml: `set` must be a list of key=value"):
+        parse_suite({**good, "set": "model.profile=paper"}, default_name="mine", source="mine.yaml")
+    shared = parse_suite({**good, "set": ["model.profile=paper"], "note": "why"}, default_name="m", source="m.yaml")
+    assert parse_suite(shared.as_dict(), default_name="m", source="suite.yaml") == shared, "suite.yaml round trip"
 
 
 def test_suite_on_one_cache_makes_every_row_and_figure(components, synthetic_cache):
@@ -309,6 +328,11 @@ def test_a_failing_variant_does_not_stop_the_others_and_a_rerun_finishes_it(synt
     assert {o.variant: o.status for o in result.outcomes} == {"none": "reused", "support": "trained",
                                                               "query": "reused", "both": "reused"}
     assert not result.report.missing
+    # the suite's own `set` reached every run, and the report says why
+    assert {OmegaConf.load(path).model.profile for path in suite_dir.glob("*/config.yaml")} == {"paper"}
+    markdown = result.report.markdown.read_text()
+    assert "Method profile (`model.profile`): `paper` for every variant." in markdown
+    assert load_suite("consistency").note in markdown
 
 
 def test_cli_help_explains_every_option():

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clipspm.config import resolve_config
-from clipspm.experiments.ablate import AblateOptions, run_ablation
+from clipspm.experiments.ablate import AblateOptions, run_ablation, worker_cores
 from clipspm.experiments.reach import config_reach, logit_reach
 from clipspm.experiments.suites import SuiteSettings, load_suite, shipped_suites, variant_config
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
@@ -140,6 +140,14 @@ def test_finetune_suite_trains_every_row_end_to_end_on_one_set_of_episodes(finet
     assert not result.report.missing
 
 
+def test_finetune_workers_share_the_cores_evenly_as_each_decodes_its_frames():
+    assert worker_cores(["cuda:0", "cuda:1"], "finetune", cores=16) == [8, 8]
+    assert worker_cores(["cpu", "cpu", "cuda:0"], "finetune", cores=7) == [2, 2, 2]
+    # heads stage (the thread policy): CPU workers split what the GPU workers leave, GPU workers keep the default
+    assert worker_cores(["cuda:0", "cuda:1"], "heads", cores=16) == [None, None]
+    assert worker_cores(["cpu", "cpu", "cuda:0"], "heads", cores=7) == [3, 3, None]
+
+
 def test_killed_finetune_suite_resumes_in_parallel_workers_skipping_finished_variants(video_root, cache_dir,
                                                                                       tmp_path):
     suite = components_subset(tmp_path / "two.yaml", ["none", "full"])
@@ -211,10 +219,14 @@ def test_parameters_that_feed_only_auxiliary_losses_cannot_change_a_score():
 def test_only_hsmr_alone_in_the_heads_stage_is_marked_among_the_shipped_suites(stage):
     """The mark is computed from each head, for every shipped suite and method: only HSMR without SPM has
     trained parameters (its own) none of which reaches the distance; the tower makes that a result again."""
-    settings = SuiteSettings(dataset="synthetic", backbone=VIT, cache="unused", shots=[1], overrides=[],
-                             eval_episodes=10, eval_queries=1, eval_seed=0, stage=stage)
-    marked = {(name, variant.name) for name in shipped_suites() for variant in load_suite(name).variants
-              if config_reach(variant_config(settings, variant, 1), dim=64, frames=8, stage=stage).scores_fixed}
+    marked = set()
+    for name in shipped_suites():
+        suite = load_suite(name)
+        settings = SuiteSettings(dataset="synthetic", backbone=VIT, cache="unused", shots=[1],
+                                 overrides=[*suite.overrides], eval_episodes=10, eval_queries=1, eval_seed=0,
+                                 stage=stage)
+        marked |= {(name, variant.name) for variant in suite.variants
+                   if config_reach(variant_config(settings, variant, 1), dim=64, frames=8, stage=stage).scores_fixed}
     assert marked == ({("components", "hsmr")} if stage == "heads" else set())
 
 

@@ -39,6 +39,7 @@ from rich.console import Console
 from clipspm.config import resolve_config
 from clipspm.errors import ClipspmError, JobFailedError
 from clipspm.experiments.suites import (
+    Suite,
     SuiteSettings,
     Variant,
     load_suite,
@@ -120,7 +121,7 @@ def run_ablation(options: AblateOptions, console: Console | None = None) -> Abla
     if not shots or min(shots) < 1:
         raise ClipspmError(f"--shots needs K values of at least 1, got {list(options.shots)}")
 
-    overrides = _shared_overrides(options)
+    overrides = _shared_overrides(options, suite)
     base = resolve_config(options.stage, options.dataset, overrides=overrides)
     cache = open_run_cache(base, options.runs_dir, resume=False, console=console)   # the suite's one cache
     settings = SuiteSettings(dataset=options.dataset, backbone=cache.meta["model"], cache=base.data.cache,
@@ -153,8 +154,8 @@ def run_ablation(options: AblateOptions, console: Console | None = None) -> Abla
                         now - started)
 
 
-def _shared_overrides(options: AblateOptions) -> list[str]:
-    """The command line's options as `--set` items, then the user's own --set."""
+def _shared_overrides(options: AblateOptions, suite: Suite) -> list[str]:
+    """The command line's options as `--set` items, then the suite's `set`, then the user's own --set."""
     items = [f"data.dataset={options.dataset}", f"data.cache_dir={options.cache_dir}"]
     for key, value in [("data.backbone", options.backbone), ("data.pretrained", options.pretrained),
                        ("data.root", Path(options.root).resolve() if options.root else None),
@@ -162,7 +163,7 @@ def _shared_overrides(options: AblateOptions) -> list[str]:
                        ("eval.episodes", options.eval_episodes), ("eval.queries", options.eval_queries)]:
         if value is not None:
             items.append(f"{key}={value}")
-    return [*items, *options.overrides]
+    return [*items, *suite.overrides, *options.overrides]
 
 
 def plan_devices(parallel: str | int, devices: tuple[str, ...] | None) -> list[str]:
@@ -268,14 +269,11 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
     outcomes: dict[int, JobOutcome] = {}
     failures: list[str] = []
     starts: list[float] = []
-    # CPU workers split the cores, a GPU worker keeps one to feed its device; in the finetune stage every worker
-    # also decodes its frames, so each gets an equal share
-    sharing = len(devices) if stage == "finetune" else devices.count("cpu")
-    share = trainer_share(sharing, len(devices) - sharing)
+    cores = worker_cores(devices, stage)
 
     def serve(slot: int, device: str) -> None:
         try:
-            worker = _Worker(suite_dir, slot, device, share if stage == "finetune" or device == "cpu" else None)
+            worker = _Worker(suite_dir, slot, device, cores[slot])
         except ClipspmError as error:
             failures.append(str(error))
             return
@@ -301,6 +299,17 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
             future.result()
     _raise_unfinished(len(jobs), len(outcomes), failures)
     return [outcomes[position] for position in range(len(jobs))], sum(starts)
+
+
+def worker_cores(devices: list[str], stage: str, cores: int | None = None) -> list[int | None]:
+    """The cores each worker may keep busy ($CLIPSPM_THREADS) out of `cores` (None: this process's budget); None
+    leaves a worker the default. In the heads stage the CPU workers split the cores and a GPU worker keeps one to
+    feed its device; in the finetune stage every worker also decodes its frames on the CPU, so all get an equal
+    share."""
+    if stage == "finetune":
+        return [trainer_share(len(devices), 0, cores)] * len(devices)
+    share = trainer_share(devices.count("cpu"), len(devices) - devices.count("cpu"), cores)
+    return [share if device == "cpu" else None for device in devices]
 
 
 class _Worker:

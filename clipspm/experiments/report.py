@@ -5,10 +5,11 @@ to the reference variant over the same stored episodes, the paper's number where
 `figures/`: training curves, ablation bars, accuracy against a value column (Fig. 5) and a 2-D
 t-SNE map of test-video embeddings (Fig. 6). Runs not scored yet are listed, not guessed.
 
-The report names the stage that trained the runs (heads on cached features, or end to end) and
-how their checkpoints were chosen (val, or the test split: marked as optimistic). A run in which
-nothing that trains reaches the logits (`reach.config_reach`: HSMR without SPM in the heads stage)
-is marked with the reason instead of printed as a result: its scores are the untrained model's.
+The report names the stage that trained the runs (heads on cached features, or end to end), how
+their checkpoints were chosen (val, or the test split: marked as optimistic), the method profile of
+the heads (`model.profile`) and the suite's `note`. A run in which nothing that trains reaches the
+logits (`reach.config_reach`: HSMR without SPM in the heads stage) is marked with the reason instead
+of printed as a result: its scores are the untrained model's.
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ def render_markdown(suite: Suite, settings: SuiteSettings, cells: dict, missing:
                 f"per K ({settings.eval_queries} query per class, seed {settings.eval_seed}); every run trained from "
                 f"the cache `{settings.cache}` and scored on the episodes stored beside it.")
     lines = [f"# {suite.title}: {settings.dataset}, {settings.backbone}, {settings.stage} stage", "", protocol, "",
-             STAGE_TEXT[settings.stage], SELECTION_TEXT[settings.select_on]]
+             STAGE_TEXT[settings.stage], SELECTION_TEXT[settings.select_on], *profile_lines(suite, settings)]
+    if suite.note:
+        lines.append(suite.note)
     if with_paper:
         lines.append("`paper`: the paper's number for this dataset and backbone (clipspm/configs/paper_results.yaml).")
     pairing = ("Variant − reference on the same episodes, in points, ± 95% CI of the paired difference; "
@@ -198,6 +201,22 @@ def render_markdown(suite: Suite, settings: SuiteSettings, cells: dict, missing:
     if missing:
         lines += ["", f"Not scored yet (rerun `clipspm ablate` to finish): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(suite: Suite, settings: SuiteSettings) -> list[str]:
+    """Which profile (`model.profile`: the released code, or the paper's reading) each variant's head was built
+    in; nothing when no variant's method has profiles."""
+    labels: dict[str, list[str]] = {}
+    for variant in suite.variants:
+        profile = variant_config(settings, variant, settings.shots[0]).model.get("profile")
+        if profile is not None:
+            labels.setdefault(profile, []).append(variant.label)
+    if not labels:
+        return []
+    if len(labels) == 1 and len(next(iter(labels.values()))) == len(suite.variants):
+        return [f"Method profile (`model.profile`): `{next(iter(labels))}` for every variant."]
+    return ["Method profile (`model.profile`): " + "; ".join(f"`{profile}` for {', '.join(names)}"
+                                                          for profile, names in labels.items()) + "."]
 
 
 def _notes(suite: Suite, settings: SuiteSettings, cells: dict) -> list[str]:
