@@ -215,6 +215,17 @@ class Stage(str, Enum):
     finetune = "finetune"
 
 
+class SelectOn(str, Enum):
+    val = "val"
+    test = "test"
+
+
+SelectOnOpt = Annotated[Optional[SelectOn], typer.Option(
+    help="Split whose fixed episodes pick the best checkpoint (train.select_on). Default val. `test` reproduces the "
+         "released code's protocol: validating on the stored test episodes `eval` scores, which makes the test "
+         "number optimistic; results are marked, and `clipspm compare` with a val-selected run shows by how much.")]
+
+
 @app.command()
 def train(
     stage: Annotated[Stage, typer.Option(help="heads: from the feature cache; finetune: end to end with the "
@@ -232,6 +243,7 @@ def train(
     cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
     init: Annotated[Optional[Path], typer.Option(
         help="finetune: start the heads from this heads-stage run (same width).")] = None,
+    select_on: SelectOnOpt = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file merged over the shipped defaults.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a config key, e.g. --set model.padm=false --set loss.lambda_h=0 (repeatable).")] = None,
@@ -256,7 +268,8 @@ def train(
 
     overrides = list(set_ or [])
     for key, value in [("data.dataset", dataset), ("data.backbone", backbone), ("data.pretrained", pretrained),
-                       ("train.shots", shots), ("train.episodes", episodes)]:
+                       ("train.shots", shots), ("train.episodes", episodes),
+                       ("train.select_on", select_on.value if select_on else None)]:
         if value is not None:
             overrides.append(f"{key}={value}")
     for key, value in [("data.root", root), ("data.split_dir", split_dir), ("data.cache", cache)]:
@@ -283,7 +296,9 @@ def train(
     table = Table(title=f"{stage.value} run", show_header=False)
     table.add_row("run", str(result.run_dir))
     table.add_row("episodes", str(result.episodes))
-    table.add_row("best val accuracy", f"{result.best_val:.2%} (episode {result.best_episode})")
+    split = cfg.train.select_on
+    table.add_row(f"best {split} accuracy", f"{result.best_val:.2%} (episode {result.best_episode})"
+                  + (": chosen on the test episodes `eval` scores (optimistic)" if split == "test" else ""))
     table.add_row("time", f"{result.seconds:.0f} s")
     console.print(table)
     console.print(f"next: clipspm eval {result.run_dir}")
@@ -339,7 +354,8 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory made by `clipspm train`.")],
     episodes: Annotated[Optional[int], typer.Option(help="Test episodes (default eval.episodes: 10000).")] = None,
     queries: Annotated[Optional[int], typer.Option(help="Queries per class M (default eval.queries: 1).")] = None,
-    checkpoint: Annotated[str, typer.Option(help="best (by val accuracy) or last.")] = "best",
+    checkpoint: Annotated[str, typer.Option(help="best (by the accuracy on train.select_on: val unless the run "
+                                                 "chose test) or last.")] = "best",
     cache: Annotated[Optional[Path], typer.Option(
         help="Evaluate on this cache instead of the run's (it must fit the run's backbone, T and width).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cpu. Default: CUDA when available.")] = None,
@@ -362,7 +378,16 @@ def evaluate(
                               f"{result.episodes} episodes (seed {result.seed})")
     table.add_row("episodes file", result.episodes_file)
     table.add_row("checkpoint", result.checkpoint)
+    if result.checkpoint == "best":
+        table.add_row("model selection", _selection_text(result.select_on))
     console.print(table)
+
+
+def _selection_text(select_on: str) -> str:
+    if select_on == "test":
+        return ("[bold yellow]on the TEST split[/] (train.select_on=test, the released code's protocol): the best of "
+                "the validations on these test episodes, an optimistic number")
+    return "on the val split"
 
 
 @app.command()
@@ -374,8 +399,10 @@ def compare(
     from clipspm.stages.evaluate import compare_runs
 
     c = compare_runs(run_a, run_b)
-    console.print(f"A {run_a}: {100 * c.accuracy_a:.2f} %")
-    console.print(f"B {run_b}: {100 * c.accuracy_b:.2f} %")
+    for name, run, accuracy, select_on in (("A", run_a, c.accuracy_a, c.select_on_a),
+                                           ("B", run_b, c.accuracy_b, c.select_on_b)):
+        chosen = "on the TEST split: optimistic" if select_on == "test" else "on the val split"
+        console.print(f"{name} {run}: {100 * accuracy:.2f} % (checkpoint chosen {chosen})")
     verdict = "significant" if c.significant else "not significant"
     console.print(f"A - B = {100 * c.difference:+.2f} ± {100 * c.ci95:.2f} points (95% CI, paired over "
                   f"{c.episodes} episodes): {verdict}")
@@ -410,12 +437,16 @@ def ablate(
         help="A shipped suite - components (Table 3), fusion (Table 4), consistency (Table 5), templates (Fig. 5), "
              "baselines (Tables 1-2), heads_lr, profiles (official vs paper) - or the path of your own suite YAML "
              "file (format: clipspm/configs/suites/*.yaml).")],
+    stage: Annotated[Stage, typer.Option(
+        help="heads: every variant's heads trained on the cached features; finetune: heads and visual tower "
+             "trained end to end, as the paper's ablation rows were (needs the videos: --root).")] = Stage.heads,
     dataset: DatasetOpt = "synthetic",
     root: RootOpt = None,
     backbone: BackboneOpt = None,
     pretrained: PretrainedOpt = None,
     shots: Annotated[str, typer.Option(help="Comma-separated K values; every variant is trained and scored at "
                                             "each.")] = "1,3,5",
+    select_on: SelectOnOpt = None,
     episodes: Annotated[Optional[int], typer.Option(
         help="Training episodes of every variant (train.episodes). Default: the dataset's schedule (20,000; "
              "100,000 for SSv2).")] = None,
@@ -446,7 +477,9 @@ def ablate(
     """
     from clipspm.experiments.ablate import AblateOptions, run_ablation
 
-    options = AblateOptions(suite=suite, dataset=dataset, backbone=backbone, pretrained=pretrained, root=root,
+    options = AblateOptions(suite=suite, dataset=dataset, stage=stage.value,
+                            select_on=select_on.value if select_on else None, backbone=backbone,
+                            pretrained=pretrained, root=root,
                             shots=tuple(_int_list(shots, "--shots")), episodes=episodes,
                             eval_episodes=eval_episodes, eval_queries=eval_queries, overrides=tuple(set_ or ()),
                             parallel=parallel, devices=_split_list(devices) if devices else None,
@@ -455,8 +488,9 @@ def ablate(
     table = Table("variant", "K", "status", "test accuracy (95% CI)", "train s", "eval s",
                   title=f"{result.suite_dir} ({len(result.devices)} worker(s))")
     for outcome in result.outcomes:
-        table.add_row(outcome.variant, str(outcome.shots), outcome.status,
-                      f"{100 * outcome.accuracy:.2f} ± {100 * outcome.ci95:.2f} %", f"{outcome.train_seconds:.1f}",
+        accuracy = ("not a result (see the report)" if (outcome.variant, outcome.shots) in result.report.not_results
+                    else f"{100 * outcome.accuracy:.2f} ± {100 * outcome.ci95:.2f} %")
+        table.add_row(outcome.variant, str(outcome.shots), outcome.status, accuracy, f"{outcome.train_seconds:.1f}",
                       f"{outcome.eval_seconds:.1f}")
     console.print(table)
     console.print(f"{result.seconds:.0f} s in all ({result.cache_seconds:.1f} s resolving the cache, "

@@ -62,6 +62,11 @@ class TrainConfig(Section):
     val_episodes: int = Field(1000, ge=1, description="fixed val episodes")
     val_queries: int = Field(1, ge=1, description="queries per class in val episodes")
     log_every: int = Field(160, ge=1, description="episodes between metrics.jsonl records")
+    select_on: Literal["val", "test"] = Field("val", description="split whose fixed episodes pick the `best` "
+                                                                 "checkpoint: val, or test (the released code's "
+                                                                 "protocol: validates on the stored test episodes "
+                                                                 "`eval` scores, so the test number is optimistic; "
+                                                                 "results are marked)")
     seed: int = Field(0, ge=0, description="episode sampling, view choice and dropout are functions of (seed, step)")
     cuda_graph: bool = Field(False, description="heads stage on CUDA: capture the optimiser step (episode gather, "
                                                 "heads forward and backward, Adam) in a CUDA graph and replay it "

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipspm.cli import app
+from clipspm.config import resolve_config
 from clipspm.errors import ClipspmError
 from clipspm.experiments.ablate import AblateOptions, run_ablation
 from clipspm.experiments.report import paper_numbers
@@ -75,16 +76,30 @@ def components(synthetic_cache, tmp_path_factory):
 
 def test_shipped_suites_are_valid_and_every_variant_resolves():
     assert {"components", "fusion", "consistency", "templates", "baselines"} <= set(shipped_suites())
-    settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
-                             overrides=[], eval_episodes=10, eval_queries=1, eval_seed=0)
     for name in shipped_suites():
         suite = load_suite(name)
+        settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
+                                 overrides=[*suite.overrides], eval_episodes=10, eval_queries=1, eval_seed=0)
         for variant in suite.variants:
             variant_config(settings, variant, 1)   # unknown keys or bad values would raise
     components = load_suite("components")
     on_off = {tuple(v.columns.values()) for v in components.variants}
     assert len(on_off) == 8 and components.reference == "full"
     assert [v.name for v in load_suite("templates").variants] == ["R1", "R4", "R7", "R10", "R13", "R16"]
+
+
+def test_consistency_suite_builds_its_rows_in_the_paper_profile_that_has_the_terms():
+    """Under the default profile (official: L_S weighted 0) Table 5's rows would be one model."""
+    assert resolve_config("heads", "synthetic").model.profile == "official"
+    suite = load_suite("consistency")
+    assert suite.overrides == ("model.profile=paper",) and "model.profile=paper" in suite.note
+    settings = SuiteSettings(dataset="synthetic", backbone="clipspm-tiny-vit", cache="unused", shots=[1],
+                             overrides=[*suite.overrides], eval_episodes=10, eval_queries=1, eval_seed=0)
+    configs = {variant.name: variant_config(settings, variant, 1) for variant in suite.variants}
+    assert {cfg.model.profile for cfg in configs.values()} == {"paper"}
+    assert {name: (cfg.model.support_consistency, cfg.model.query_consistency) for name, cfg in configs.items()} \
+        == {"none": (False, False), "support": (True, False), "query": (False, True), "both": (True, True)}
+    assert configs["both"].loss.lambda_s > 0
 
 
 def test_paper_numbers_are_those_of_the_paper():
@@ -139,6 +154,10 @@ def test_suite_files_are_checked_with_clear_errors():
         parse_suite({**good, "variants": [{"name": "a", "set": ["model.padm"]}]}, default_name="m", source="m.yaml")
     with pytest.raises(ClipspmError, match="no shipped suite"):
         load_suite("componentz")
+    with pytest.raises(ClipspmError, match=r"mine.yaml: `set` must be a list of key=value"):
+        parse_suite({**good, "set": "model.profile=paper"}, default_name="mine", source="mine.yaml")
+    shared = parse_suite({**good, "set": ["model.profile=paper"], "note": "why"}, default_name="m", source="m.yaml")
+    assert parse_suite(shared.as_dict(), default_name="m", source="suite.yaml") == shared, "suite.yaml round trip"
 
 
 def test_suite_on_one_cache_makes_every_row_and_figure(components, synthetic_cache):
@@ -160,15 +179,44 @@ def test_suite_on_one_cache_makes_every_row_and_figure(components, synthetic_cac
     for variant in suite.variants:
         marks = " | ".join("✓" if variant.columns[c] else "✗" for c in suite.columns)
         assert markdown.count(f"| {variant.label} | {marks} |") == 2, variant   # accuracy and paired tables
+    assert markdown.startswith("# Component analysis (Table 3): synthetic, clipspm-tiny-vit, heads stage")
+    assert "Heads stage: each run trained its heads on the frozen CLIP features" in markdown
+    assert "Each run's checkpoint was chosen on the val split." in markdown
     with open(result.report.csv) as handle:
         rows = list(csv.DictReader(handle))
     assert [row["variant"] for row in rows] == [v.name for v in suite.variants]
-    assert all(0 <= float(row[f"{k}shot_accuracy"]) <= 100 for row in rows for k in (1, 3))
+    assert all(0 <= float(row[f"{k}shot_accuracy"]) <= 100 for row in rows for k in (1, 3) if row["variant"] != "hsmr")
+    assert {(row["stage"], row["select_on"]) for row in rows} == {("heads", "val")}
     names = {path.name for path in result.report.figures}
     assert names == {"training_curves.png", "ablation_bars.png", "embedding_tsne.png"}
     for path in result.report.figures:
         assert_not_blank(path)
     assert not result.report.missing
+
+
+def test_heads_stage_row_whose_training_cannot_reach_the_logits_is_marked_not_printed(components):
+    """HSMR alone trains only its own parameters for L_H; none of them feed the distance, so in the heads stage
+    the row is the untrained OTAM baseline, episode by episode. The report says so instead of a number."""
+    _, result, _ = components
+    suite_dir = result.suite_dir
+
+    def per_episode(run: str) -> np.ndarray:
+        digest = json.loads((suite_dir / run / "results.json").read_text())["episodes_sha256"]
+        return np.load(suite_dir / run / f"episode_accuracy-{digest[:12]}.npy")
+
+    for k in (1, 3):
+        assert np.array_equal(per_episode(f"hsmr-{k}shot"), per_episode(f"none-{k}shot")), "what the mark claims"
+    assert set(result.report.not_results) == {("hsmr", 1), ("hsmr", 3)}
+    markdown = result.report.markdown.read_text()
+    assert markdown.count("| HSMR | ✓ | ✗ | ✗ | not a result † | not a result † |") == 2   # both tables
+    assert ("- † HSMR: no trained parameter reaches the logits (those of hsmr feed only auxiliary losses), so "
+            "training cannot change a score: the row is the untrained model.") in markdown
+    assert "- HSMR + PADM: the parameters of hsmr train but do not reach the logits" in markdown
+    with open(result.report.csv) as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert rows["hsmr"]["1shot_accuracy"] == rows["hsmr"]["3shot_difference"] == ""
+    assert rows["hsmr"]["not_a_result"].startswith("no trained parameter reaches the logits")
+    assert rows["hsmr-padm"]["not_a_result"] == "" and rows["hsmr-padm"]["1shot_accuracy"] != ""
 
 
 def test_second_run_reuses_the_cache_and_the_finished_variants(components):
@@ -280,11 +328,17 @@ def test_a_failing_variant_does_not_stop_the_others_and_a_rerun_finishes_it(synt
     assert {o.variant: o.status for o in result.outcomes} == {"none": "reused", "support": "trained",
                                                               "query": "reused", "both": "reused"}
     assert not result.report.missing
+    # the suite's own `set` reached every run, and the report says why
+    assert {OmegaConf.load(path).model.profile for path in suite_dir.glob("*/config.yaml")} == {"paper"}
+    markdown = result.report.markdown.read_text()
+    assert "Method profile (`model.profile`): `paper` for every variant." in markdown
+    assert load_suite("consistency").note in markdown
 
 
 def test_cli_help_explains_every_option():
     shown = CliRunner().invoke(app, ["ablate", "--help"], terminal_width=200).output
-    for option in ("--suite", "--dataset", "--root", "--backbone", "--pretrained", "--shots", "--episodes",
+    for option in ("--suite", "--stage", "--select-on", "--dataset", "--root", "--backbone", "--pretrained", "--shots",
+                   "--episodes",
                    "--eval-episodes", "--eval-queries", "--set", "--parallel", "--devices", "--cache-dir",
                    "--runs-dir"):
         assert option in shown, option

@@ -1,13 +1,19 @@
 """`clipspm ablate`: every variant of a suite, at every K, trained and scored from one feature cache.
 
 The cache is resolved once (extracted only when no cache of these settings exists) and written
-into the settings every variant shares, so no variant extracts anything, and every run is scored
-on the same stored test episodes: the report can then pair each variant with the full model.
+into the settings every variant shares, so every run trains from it and is scored on the same
+test episodes stored beside it: the report can then pair each variant with the full model.
 Each (variant, K) is an independent train + eval of its own run directory, which makes the suite
 resumable (finished runs are skipped, half-trained ones continue from their last checkpoint) and
-lets several devices share the work: one worker process per device, each pinned to it.
+lets several devices share the work: one worker process per device, each pinned to it and given its
+share of the CPU cores.
 
-Layout: `RUNS/ablate-{dataset}-{backbone}-{suite}/` with `suite.yaml`, one run per
+The stage is the suite's: `heads` (default) trains each variant's heads on the cached features;
+`finetune` trains heads and visual tower end to end as the paper's ablation rows were, validating
+on frames re-encoded in memory and scored on the test split encoded by each run's tuned tower
+(`evaluate.tuned_test_cache`), still on the episodes stored beside the one training cache.
+
+Layout: `RUNS/ablate-{dataset}-{backbone}-{suite}[-ft][-select-test]/` with `suite.yaml`, one run per
 `{variant}-{K}shot/`, and the report (`report.md`, `report.csv`, `figures/`).
 """
 
@@ -24,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from queue import Empty, Queue
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,8 +38,8 @@ from rich.console import Console
 
 from clipspm.config import resolve_config
 from clipspm.errors import ClipspmError, JobFailedError
-from clipspm.experiments.report import ReportResult, write_report
 from clipspm.experiments.suites import (
+    Suite,
     SuiteSettings,
     Variant,
     load_suite,
@@ -45,9 +51,13 @@ from clipspm.experiments.suites import (
 )
 from clipspm.stages.checkpoint import checkpoint_dir
 from clipspm.stages.evaluate import evaluate_run, finished_result
+from clipspm.stages.finetune import train_finetune
 from clipspm.stages.heads import train_heads
 from clipspm.stages.runs import CONFIG_NAME, load_run_config, open_run_cache
 from clipspm.system import THREADS_VARIABLE, make_console, resolve_device, trainer_share
+
+if TYPE_CHECKING:
+    from clipspm.experiments.report import ReportResult
 
 
 @dataclass
@@ -56,6 +66,8 @@ class AblateOptions:
 
     suite: str                                 # shipped suite name or suite YAML path
     dataset: str = "synthetic"
+    stage: str = "heads"                       # heads (from the cache) or finetune (end to end, as the paper)
+    select_on: str | None = None               # train.select_on of every variant: val (None: the default) or test
     backbone: str | None = None
     pretrained: str | None = None
     root: Path | None = None
@@ -109,27 +121,31 @@ def run_ablation(options: AblateOptions, console: Console | None = None) -> Abla
     if not shots or min(shots) < 1:
         raise ClipspmError(f"--shots needs K values of at least 1, got {list(options.shots)}")
 
-    overrides = _shared_overrides(options)
-    base = resolve_config("heads", options.dataset, overrides=overrides)
+    overrides = _shared_overrides(options, suite)
+    base = resolve_config(options.stage, options.dataset, overrides=overrides)
     cache = open_run_cache(base, options.runs_dir, resume=False, console=console)   # the suite's one cache
     settings = SuiteSettings(dataset=options.dataset, backbone=cache.meta["model"], cache=base.data.cache,
                              shots=shots, overrides=[*overrides, f"data.cache={base.data.cache}"],
                              eval_episodes=base.eval.episodes, eval_queries=base.eval.queries,
-                             eval_seed=base.eval.seed)
-    suite_dir = Path(options.runs_dir) / suite_dir_name(options.dataset, settings.backbone, suite)
+                             eval_seed=base.eval.seed, stage=options.stage, select_on=base.train.select_on)
+    suite_dir = Path(options.runs_dir) / suite_dir_name(options.dataset, settings.backbone, suite, settings.stage,
+                                                        settings.select_on)
     jobs = [(variant, k) for variant in suite.variants for k in shots]
     for variant, k in jobs:   # every config is built (and every override checked) before anything trains
         _check_same_training(run_dir_of(suite_dir, variant, k), variant_config(settings, variant, k))
     write_suite_dir(suite_dir, suite, settings)
     cache_seconds = time.perf_counter() - started
-    console.print(f"suite {suite.name}: {len(suite.variants)} variants x K in {shots} on {cache.store_path.parent}, "
-                  f"{len(devices)} worker(s) on {', '.join(devices)} -> {suite_dir}")
+    console.print(f"suite {suite.name} ({settings.stage} stage): {len(suite.variants)} variants x K in {shots} on "
+                  f"{cache.store_path.parent}, {len(devices)} worker(s) on {', '.join(devices)} -> {suite_dir}")
 
     worker_start = 0.0
     if len(devices) == 1:
         outcomes = _run_in_process(suite_dir, jobs, devices[0], options.progress, console)
     else:
-        outcomes, worker_start = _run_in_workers(suite_dir, jobs, devices, console)
+        outcomes, worker_start = _run_in_workers(suite_dir, jobs, devices, settings.stage, console)
+
+    # imported here: worker processes, which import this module, never load the plotting stack
+    from clipspm.experiments.report import write_report
 
     report_started = time.perf_counter()
     report = write_report(suite_dir, device=devices[0], console=console)
@@ -138,16 +154,16 @@ def run_ablation(options: AblateOptions, console: Console | None = None) -> Abla
                         now - started)
 
 
-def _shared_overrides(options: AblateOptions) -> list[str]:
-    """The command line's options as `--set` items, then the user's own --set."""
+def _shared_overrides(options: AblateOptions, suite: Suite) -> list[str]:
+    """The command line's options as `--set` items, then the suite's `set`, then the user's own --set."""
     items = [f"data.dataset={options.dataset}", f"data.cache_dir={options.cache_dir}"]
     for key, value in [("data.backbone", options.backbone), ("data.pretrained", options.pretrained),
                        ("data.root", Path(options.root).resolve() if options.root else None),
-                       ("train.episodes", options.episodes), ("eval.episodes", options.eval_episodes),
-                       ("eval.queries", options.eval_queries)]:
+                       ("train.episodes", options.episodes), ("train.select_on", options.select_on),
+                       ("eval.episodes", options.eval_episodes), ("eval.queries", options.eval_queries)]:
         if value is not None:
             items.append(f"{key}={value}")
-    return [*items, *options.overrides]
+    return [*items, *suite.overrides, *options.overrides]
 
 
 def plan_devices(parallel: str | int, devices: tuple[str, ...] | None) -> list[str]:
@@ -175,7 +191,8 @@ def _check_same_training(run_dir: Path, cfg: DictConfig) -> None:
         return
     saved = _flatten(OmegaConf.to_container(load_run_config(run_dir), resolve=True))
     wanted = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    keys = [key for key in wanted if key.split(".")[0] in ("model", "loss", "train") or key == "data.cache"]
+    keys = [key for key in wanted if key.split(".")[0] in ("model", "loss", "train", "finetune")
+            or key == "data.cache"]
     changed = [f"{key}: {saved.get(key)!r} -> {wanted[key]!r}" for key in keys if saved.get(key) != wanted[key]]
     if changed:
         raise ClipspmError(f"{run_dir} was trained with other settings ({'; '.join(changed)}); pass another "
@@ -212,7 +229,8 @@ def run_job(suite_dir: Path, variant_name: str, shots: int, *, device: str | Non
     resume = checkpoint_dir(run_dir / "checkpoints" / "last") is not None
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)   # killed before its first checkpoint: only a config and a few log lines to lose
-    trained = train_heads(cfg, run_dir, resume=resume, progress=progress, device=device, console=console)
+    train = train_finetune if settings.stage == "finetune" else train_heads
+    trained = train(cfg, run_dir, resume=resume, progress=progress, device=device, console=console)
     scored = evaluate_run(run_dir, episodes=settings.eval_episodes, queries=settings.eval_queries, device=device,
                           progress=progress, console=console)
     status = "resumed" if resume else "trained" if trained.trained else "no training"
@@ -241,7 +259,7 @@ def _raise_unfinished(jobs: int, finished: int, failures: list[str]) -> None:
                            f"them; finished runs are kept):\n" + "\n".join(failures))
 
 
-def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: list[str],
+def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: list[str], stage: str,
                     console: Console) -> tuple[list[JobOutcome], float]:
     """One worker process per device, each fed the next job as soon as it is free; the outcomes in job order and
     the workers' summed start-up time. A failed run is reported once every other run is done."""
@@ -251,11 +269,11 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
     outcomes: dict[int, JobOutcome] = {}
     failures: list[str] = []
     starts: list[float] = []
-    cpu_threads = trainer_share(devices.count("cpu"), len(devices) - devices.count("cpu"))
+    cores = worker_cores(devices, stage)
 
     def serve(slot: int, device: str) -> None:
         try:
-            worker = _Worker(suite_dir, slot, device, cpu_threads)
+            worker = _Worker(suite_dir, slot, device, cores[slot])
         except ClipspmError as error:
             failures.append(str(error))
             return
@@ -283,22 +301,35 @@ def _run_in_workers(suite_dir: Path, jobs: list[tuple[Variant, int]], devices: l
     return [outcomes[position] for position in range(len(jobs))], sum(starts)
 
 
+def worker_cores(devices: list[str], stage: str, cores: int | None = None) -> list[int | None]:
+    """The cores each worker may keep busy ($CLIPSPM_THREADS) out of `cores` (None: this process's budget); None
+    leaves a worker the default. In the heads stage the CPU workers split the cores and a GPU worker keeps one to
+    feed its device; in the finetune stage every worker also decodes its frames on the CPU, so all get an equal
+    share."""
+    if stage == "finetune":
+        return [trainer_share(len(devices), 0, cores)] * len(devices)
+    share = trainer_share(devices.count("cpu"), len(devices) - devices.count("cpu"), cores)
+    return [share if device == "cpu" else None for device in devices]
+
+
 class _Worker:
     """A `python -m clipspm ablate-worker` process pinned to one device: a job per stdin line, a JSON line back.
 
     It imports torch and the stages once and then runs job after job, so a suite of many short runs does not
-    pay a process start per run. Its log (progress, errors) goes to SUITE_DIR/workers/.
+    pay a process start per run. Its log (progress, errors) goes to SUITE_DIR/workers/. `cores` is the share
+    of the CPU it may keep busy ($CLIPSPM_THREADS), None to leave it the default.
     """
 
-    def __init__(self, suite_dir: Path, slot: int, device: str, cpu_threads: int):
+    def __init__(self, suite_dir: Path, slot: int, device: str, cores: int | None):
         env = dict(os.environ)
         if device.startswith("cuda:"):   # the worker sees one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"], argument = device.split(":", 1)[1], "cuda"
         elif device == "cpu":
             env["CUDA_VISIBLE_DEVICES"], argument = "", "cpu"
-            env[THREADS_VARIABLE] = env["OMP_NUM_THREADS"] = str(cpu_threads)   # its share of the cores
         else:
             argument = device
+        if cores is not None:
+            env[THREADS_VARIABLE] = env["OMP_NUM_THREADS"] = str(cores)   # its share of the cores
         self.device = device
         self.log = suite_dir / "workers" / f"{slot}-{device.replace(':', '')}.log"
         self.log.parent.mkdir(exist_ok=True)

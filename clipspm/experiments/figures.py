@@ -28,11 +28,12 @@ def _colours(count: int) -> list:
 
 
 def training_curves(records: dict[tuple[int, str], list[dict]], shots: Sequence[int], labels: Sequence[str],
-                    path: Path) -> None:
+                    path: Path, validation_key: str = "val_acc") -> None:
     """Training loss and validation accuracy against episodes; a row per K, a line per variant.
 
-    `records[(K, label)]` are the metrics.jsonl records of that run. Parameter-free heads have one
-    validation point at episode 0, drawn as a dot.
+    `records[(K, label)]` are the metrics.jsonl records of that run; `validation_key` the key of their
+    validation scores (`test_acc` for runs that chose their checkpoint on the test split). Parameter-free
+    heads have one validation point at episode 0, drawn as a dot.
     """
     figure = _figure(11, 3.2 * len(shots))
     axes = figure.subplots(len(shots), 2, squeeze=False)
@@ -41,14 +42,15 @@ def training_curves(records: dict[tuple[int, str], list[dict]], shots: Sequence[
         loss_axis, val_axis = axes[row]
         for label in labels:
             log = records.get((k, label), [])
-            for axis, key in ((loss_axis, "loss"), (val_axis, "val_acc")):
+            for axis, key in ((loss_axis, "loss"), (val_axis, validation_key)):
                 points = [(r["episode"], r[key]) for r in log if key in r]
                 if points:
                     x, y = zip(*points)
-                    axis.plot(x, np.array(y) * (100 if key == "val_acc" else 1), color=colours[label], label=label,
-                              marker="o" if len(points) == 1 else None, linewidth=1.2)
+                    axis.plot(x, np.array(y) * (100 if key == validation_key else 1), color=colours[label],
+                              label=label, marker="o" if len(points) == 1 else None, linewidth=1.2)
         loss_axis.set(title=f"{k}-shot: training loss", xlabel="training episode", ylabel="loss")
-        val_axis.set(title=f"{k}-shot: validation accuracy", xlabel="training episode", ylabel="accuracy (%)")
+        val_axis.set(title=f"{k}-shot: validation accuracy ({validation_key})", xlabel="training episode",
+                     ylabel="accuracy (%)")
         for axis in (loss_axis, val_axis):
             axis.grid(alpha=0.3)
     axes[0][1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))

@@ -4,6 +4,12 @@ Writes `report.md` and `report.csv` (variants x K, mean ± 95% CI, each variant'
 to the reference variant over the same stored episodes, the paper's number where it has one) and
 `figures/`: training curves, ablation bars, accuracy against a value column (Fig. 5) and a 2-D
 t-SNE map of test-video embeddings (Fig. 6). Runs not scored yet are listed, not guessed.
+
+The report names the stage that trained the runs (heads on cached features, or end to end), how
+their checkpoints were chosen (val, or the test split: marked as optimistic), the method profile of
+the heads (`model.profile`) and the suite's `note`. A run in which nothing that trains reaches the
+logits (`reach.config_reach`: HSMR without SPM in the heads stage) is marked with the reason instead
+of printed as a result: its scores are the untrained model's.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import yaml
 from rich.console import Console
 from sklearn.manifold import TSNE
 
+from clipspm.cache.store import FeatureCache, find_store
 from clipspm.config import CONFIG_DIR
 from clipspm.experiments import figures
-from clipspm.experiments.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of
+from clipspm.experiments.reach import LogitReach, config_reach
+from clipspm.experiments.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of, variant_config
 from clipspm.stages.episodes import EpisodeIndex, build_episode
 from clipspm.stages.evaluate import compare_runs, finished_result, open_test_run
-from clipspm.stages.runs import metrics_path
+from clipspm.stages.runs import metrics_path, selection_key
 from clipspm.system import make_console
 
 PAPER_RESULTS = CONFIG_DIR / "paper_results.yaml"
@@ -40,6 +48,8 @@ class Cell:
     difference: float | None = None        # variant - reference, paired over the same episodes
     difference_ci95: float | None = None
     paper: float | None = None
+    not_a_result: str | None = None        # why this run's scores cannot come from its training (then no numbers)
+    idle: tuple[str, ...] = ()             # trained modules whose parameters do not reach the logits
 
 
 @dataclass
@@ -48,6 +58,7 @@ class ReportResult:
     csv: Path
     figures: list[Path]
     missing: list[str]                     # run directories without a result for the suite's eval settings
+    not_results: dict[tuple[str, int], str]   # (variant, K) -> why its scores are not a result of training
 
 
 def write_report(suite_dir: Path, *, device: str | None = None, console: Console | None = None) -> ReportResult:
@@ -73,7 +84,8 @@ def write_report(suite_dir: Path, *, device: str | None = None, console: Console
     if missing:
         console.print(f"[yellow]{len(missing)} runs not scored yet[/] (rerun `clipspm ablate` to finish them): "
                       + ", ".join(missing))
-    return ReportResult(markdown, table, made, missing)
+    not_results = {key: cell.not_a_result for key, cell in cells.items() if cell.not_a_result}
+    return ReportResult(markdown, table, made, missing, not_results)
 
 
 def paper_numbers(suite: Suite, settings: SuiteSettings) -> dict[str, dict[int, float]]:
@@ -100,17 +112,23 @@ def paper_numbers(suite: Suite, settings: SuiteSettings) -> dict[str, dict[int, 
 def collect_cells(suite_dir: Path, suite: Suite, settings: SuiteSettings) -> tuple[dict, list[str]]:
     """{(variant name, K): Cell} from the runs' results, and the runs still missing."""
     paper = paper_numbers(suite, settings)
+    with FeatureCache(find_store(Path(settings.cache))) as cache:
+        dim, frames = cache.meta["feature_dim"], cache.num_frames
     cells, missing = {}, []
     for k in settings.shots:
         reference = run_dir_of(suite_dir, suite.variant(suite.reference), k)
         reference_done = _scored(reference, settings)
         for variant in suite.variants:
             run = run_dir_of(suite_dir, variant, k)
-            cell = Cell(paper=paper.get(variant.name, {}).get(k))
+            reach = variant_reach(settings, variant, k, dim=dim, frames=frames)
+            cell = Cell(paper=paper.get(variant.name, {}).get(k), not_a_result=reach.reason(),
+                        idle=reach.idle_modules)
             cells[variant.name, k] = cell
             result = _scored(run, settings)
             if result is None:
                 missing.append(run.name)
+                continue
+            if cell.not_a_result:
                 continue
             cell.accuracy, cell.ci95 = 100 * result["accuracy"], 100 * result["ci95"]
             if variant.name != suite.reference and reference_done:
@@ -119,9 +137,30 @@ def collect_cells(suite_dir: Path, suite: Suite, settings: SuiteSettings) -> tup
     return cells, missing
 
 
+def variant_reach(settings: SuiteSettings, variant: Variant, shots: int, *, dim: int, frames: int) -> LogitReach:
+    """What of a variant's training reaches its logits, in the suite's stage (features of width `dim`, `frames`)."""
+    return config_reach(variant_config(settings, variant, shots), dim=dim, frames=frames, stage=settings.stage)
+
+
 def _scored(run_dir: Path, settings: SuiteSettings) -> dict | None:
     return finished_result(run_dir, episodes=settings.eval_episodes, queries=settings.eval_queries,
                            seed=settings.eval_seed)
+
+
+STAGE_TEXT = {
+    "heads": "Heads stage: each run trained its heads on the frozen CLIP features of the cache (the paper trained "
+             "every row end to end: `clipspm ablate --stage finetune`).",
+    "finetune": "Finetune stage: each run trained its heads and the CLIP visual tower end to end, as the paper's "
+                "rows were, and was scored on the test split encoded by its own tuned tower.",
+}
+SELECTION_TEXT = {
+    "val": "Each run's checkpoint was chosen on the val split.",
+    "test": "**Checkpoints chosen on the TEST split** (`--select-on test`, the released code's protocol): each run "
+            "kept the best of its validations on these very test episodes, so every number here is optimistic. "
+            "A `--select-on val` suite on the same cache is scored on the same episodes: `clipspm compare` pairs "
+            "them to show by how much.",
+}
+NOT_A_RESULT = "not a result †"
 
 
 def render_markdown(suite: Suite, settings: SuiteSettings, cells: dict, missing: list[str],
@@ -138,19 +177,23 @@ def render_markdown(suite: Suite, settings: SuiteSettings, cells: dict, missing:
         difference_rows.append(_row_start(suite, variant))
         for k in settings.shots:
             cell = cells[variant.name, k]
-            accuracy_rows[-1].append(_pm(cell.accuracy, cell.ci95))
+            accuracy_rows[-1].append(NOT_A_RESULT if cell.not_a_result else _pm(cell.accuracy, cell.ci95))
             if k in with_paper:
                 accuracy_rows[-1].append("–" if cell.paper is None else f"{cell.paper:.1f}")
-            difference_rows[-1].append("reference" if variant.name == suite.reference else _paired_text(cell))
+            difference_rows[-1].append("reference" if variant.name == suite.reference else
+                                       NOT_A_RESULT if cell.not_a_result else _paired_text(cell))
     protocol = (f"5-way K-shot top-1 accuracy (%), mean ± 95% CI over {settings.eval_episodes} stored test episodes "
-                f"per K ({settings.eval_queries} query per class, seed {settings.eval_seed}); every run trained and "
-                f"scored on the cache `{settings.cache}`.")
-    lines = [f"# {suite.title}: {settings.dataset}, {settings.backbone}", "", protocol]
+                f"per K ({settings.eval_queries} query per class, seed {settings.eval_seed}); every run trained from "
+                f"the cache `{settings.cache}` and scored on the episodes stored beside it.")
+    lines = [f"# {suite.title}: {settings.dataset}, {settings.backbone}, {settings.stage} stage", "", protocol, "",
+             STAGE_TEXT[settings.stage], SELECTION_TEXT[settings.select_on], *profile_lines(suite, settings)]
+    if suite.note:
+        lines.append(suite.note)
     if with_paper:
         lines.append("`paper`: the paper's number for this dataset and backbone (clipspm/configs/paper_results.yaml).")
     pairing = ("Variant − reference on the same episodes, in points, ± 95% CI of the paired difference; "
                "* where the interval excludes 0.")
-    lines += ["", *_table(accuracy_header, accuracy_rows), "",
+    lines += ["", *_table(accuracy_header, accuracy_rows), *_notes(suite, settings, cells), "",
               f"## Paired difference to {suite.variant(suite.reference).label}", "", pairing, "",
               *_table(difference_header, difference_rows)]
     if figure_paths:
@@ -158,6 +201,39 @@ def render_markdown(suite: Suite, settings: SuiteSettings, cells: dict, missing:
     if missing:
         lines += ["", f"Not scored yet (rerun `clipspm ablate` to finish): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(suite: Suite, settings: SuiteSettings) -> list[str]:
+    """Which profile (`model.profile`: the released code, or the paper's reading) each variant's head was built
+    in; nothing when no variant's method has profiles."""
+    labels: dict[str, list[str]] = {}
+    for variant in suite.variants:
+        profile = variant_config(settings, variant, settings.shots[0]).model.get("profile")
+        if profile is not None:
+            labels.setdefault(profile, []).append(variant.label)
+    if not labels:
+        return []
+    if len(labels) == 1 and len(next(iter(labels.values()))) == len(suite.variants):
+        return [f"Method profile (`model.profile`): `{next(iter(labels))}` for every variant."]
+    return ["Method profile (`model.profile`): " + "; ".join(f"`{profile}` for {', '.join(names)}"
+                                                          for profile, names in labels.items()) + "."]
+
+
+def _notes(suite: Suite, settings: SuiteSettings, cells: dict) -> list[str]:
+    """Below the accuracy table: why a row is not a result (†), and trained modules that miss the logits."""
+    notes = []
+    for variant in suite.variants:
+        row = [cells[variant.name, k] for k in settings.shots]
+        reasons = list(dict.fromkeys(cell.not_a_result for cell in row if cell.not_a_result))
+        idle = sorted({name for cell in row if not cell.not_a_result for name in cell.idle})
+        notes += [f"- † {variant.label}: {reason}." for reason in reasons]
+        if idle:
+            notes.append(f"- {variant.label}: the parameters of {', '.join(idle)} train but do not reach the logits "
+                         f"(they shape only auxiliary losses).")
+    if any(cell.not_a_result for cell in cells.values()) and settings.stage == "heads":
+        notes.append("- In the finetune stage the tower trains, and the features it makes reach the logits: "
+                     "there such a row is a result.")
+    return ["", *notes] if notes else []
 
 
 def _paired_text(cell: Cell) -> str:
@@ -182,15 +258,20 @@ def _pm(value: float | None, ci: float | None, signed: bool = False) -> str:
 
 
 def _write_csv(path: Path, suite: Suite, settings: SuiteSettings, cells: dict) -> None:
-    """The same table, one row per variant, a number per field (percent; empty where there is none)."""
+    """The same table, one row per variant, a number per field (percent; empty where there is none, and where the
+    row is not a result: `not_a_result` says why), with the stage and the split that chose the checkpoints."""
     fields = ("accuracy", "ci95", "difference", "difference_ci95", "paper")
-    header = ["variant", "label", *suite.columns, *(f"{k}shot_{name}" for k in settings.shots for name in fields)]
+    header = ["variant", "label", *suite.columns, "stage", "select_on", "not_a_result",
+              *(f"{k}shot_{name}" for k in settings.shots for name in fields)]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for variant in suite.variants:
-            values = [getattr(cells[variant.name, k], name) for k in settings.shots for name in fields]
+            row = [cells[variant.name, k] for k in settings.shots]
+            reason = "; ".join(dict.fromkeys(cell.not_a_result for cell in row if cell.not_a_result))
+            values = [getattr(cell, name) for cell in row for name in fields]
             writer.writerow([variant.name, variant.label, *(variant.columns[c] for c in suite.columns),
+                             settings.stage, settings.select_on, reason,
                              *("" if value is None else repr(value) for value in values)])
 
 
@@ -221,7 +302,8 @@ def _training_curves(suite_dir: Path, suite: Suite, settings: SuiteSettings, pat
             log = metrics_path(run_dir_of(suite_dir, variant, k))
             if log.exists():
                 records[k, variant.label] = [json.loads(line) for line in log.read_text().splitlines() if line]
-    figures.training_curves(records, settings.shots, [v.label for v in suite.variants], path)
+    figures.training_curves(records, settings.shots, [v.label for v in suite.variants], path,
+                            validation_key=selection_key(settings.select_on))
     return path
 
 

@@ -8,6 +8,8 @@ paired with. Example (the whole format):
     paper: consistency        # optional: table in configs/paper_results.yaml to print beside ours
     columns: [Support, Query] # optional: on/off (or value) columns of the table, in order
     curve: null               # optional: a column to plot accuracy against (Fig. 5: R)
+    set: [model.profile=paper]   # optional: overrides of every variant, before the user's --set
+    note: Only the paper profile has the consistency terms.   # optional: a line of the report
     reference: both           # the "full model" every variant is paired with
     variants:
       - name: none            # short id: run directories, paper_results.yaml keys
@@ -34,7 +36,7 @@ from clipspm.errors import ClipspmError
 
 SUITES_DIR = CONFIG_DIR / "suites"
 SUITE_FILE = "suite.yaml"
-SUITE_KEYS = {"name", "title", "paper", "columns", "curve", "reference", "variants"}
+SUITE_KEYS = {"name", "title", "paper", "columns", "curve", "set", "note", "reference", "variants"}
 VARIANT_KEYS = {"name", "label", "columns", "set"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -59,6 +61,8 @@ class Suite:
     reference: str
     paper: str | None = None
     curve: str | None = None
+    overrides: tuple[str, ...] = ()   # `set`: every variant's, after the command line's options, before --set
+    note: str | None = None           # why the suite sets them, or anything else the report must say
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -69,7 +73,8 @@ class Suite:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "paper": self.paper, "columns": list(self.columns),
-                "curve": self.curve, "reference": self.reference, "variants": [v.as_dict() for v in self.variants]}
+                "curve": self.curve, "set": list(self.overrides), "note": self.note, "reference": self.reference,
+                "variants": [v.as_dict() for v in self.variants]}
 
 
 @dataclass
@@ -80,10 +85,13 @@ class SuiteSettings:
     backbone: str              # the model of the cache (named in the suite directory)
     cache: str                 # the one cache directory every variant trains and is scored on
     shots: list[int]
-    overrides: list[str]       # applied to every variant before its own (data, schedule, eval, the user's --set)
+    overrides: list[str]       # applied to every variant before its own (data, schedule, eval, the suite's `set`,
+                               # the user's --set)
     eval_episodes: int
     eval_queries: int
     eval_seed: int
+    stage: str = "heads"       # heads: from the cache; finetune: end to end, the visual tower trained too
+    select_on: str = "val"     # the split whose episodes chose each run's checkpoint (train.select_on)
 
 
 def shipped_suites() -> list[str]:
@@ -131,8 +139,11 @@ def parse_suite(data: Any, *, default_name: str, source: str) -> Suite:
     curve = data.get("curve")
     if curve is not None and curve not in columns:
         raise ClipspmError(f"{source}: `curve` must name one of the columns {list(columns)}, got {curve!r}")
+    overrides = _overrides(data.get("set"), f"{source}: `set`")
+    note = data.get("note")
     return Suite(name=name, title=str(data.get("title") or name), columns=columns, variants=variants,
-                 reference=reference, paper=data.get("paper"), curve=curve)
+                 reference=reference, paper=data.get("paper"), curve=curve, overrides=overrides,
+                 note=None if note is None else str(note))
 
 
 def _parse_variant(item: Any, columns: tuple[str, ...], where: str) -> Variant:
@@ -144,18 +155,28 @@ def _parse_variant(item: Any, columns: tuple[str, ...], where: str) -> Variant:
     name = str(item.get("name", ""))
     if not NAME_PATTERN.match(name):
         raise ClipspmError(f"{where}: `name` {name!r} must be letters, digits and _ . + - (it names a directory)")
-    overrides = item.get("set") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-        raise ClipspmError(f"{where} ({name}): `set` must be a list of key=value strings, e.g. [model.padm=false]")
+    overrides = _overrides(item.get("set"), f"{where} ({name}): `set`")
     values = item.get("columns") or {}
     if not isinstance(values, dict) or set(values) != set(columns):
         raise ClipspmError(f"{where} ({name}): `columns` must give a value for each of {list(columns)}, "
                            f"got {values!r}")
-    return Variant(name=name, label=str(item.get("label") or name), columns=values, overrides=tuple(overrides))
+    return Variant(name=name, label=str(item.get("label") or name), columns=values, overrides=overrides)
 
 
-def suite_dir_name(dataset: str, backbone: str, suite: Suite) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", f"ablate-{dataset}-{backbone}-{suite.name}")
+def _overrides(items: Any, where: str) -> tuple[str, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list) or not all(isinstance(o, str) and "=" in o for o in items):
+        raise ClipspmError(f"{where} must be a list of key=value strings, e.g. [model.padm=false]")
+    return tuple(items)
+
+
+def suite_dir_name(dataset: str, backbone: str, suite: Suite, stage: str = "heads", select_on: str = "val") -> str:
+    """ablate-{dataset}-{backbone}-{suite}, with -ft for the finetune stage (as `train` names its runs) and
+    -select-test when checkpoints are chosen on the test split, so that both protocols can share a runs dir."""
+    name = f"ablate-{dataset}-{backbone}-{suite.name}" + ("-ft" if stage == "finetune" else "") \
+        + ("-select-test" if select_on == "test" else "")
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
 
 
 def run_dir_of(suite_dir: Path, variant: Variant, shots: int) -> Path:
@@ -163,8 +184,9 @@ def run_dir_of(suite_dir: Path, variant: Variant, shots: int) -> Path:
 
 
 def variant_config(settings: SuiteSettings, variant: Variant, shots: int) -> DictConfig:
-    """The resolved heads config of one variant at K = `shots`: shared settings, then the variant's overrides."""
-    return resolve_config("heads", settings.dataset,
+    """The resolved config of one variant at K = `shots` for the suite's stage: shared settings, then the
+    variant's overrides."""
+    return resolve_config(settings.stage, settings.dataset,
                           overrides=[*settings.overrides, *variant.overrides, f"train.shots={shots}"])
 
 

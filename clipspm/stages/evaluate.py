@@ -3,6 +3,11 @@
 Test episodes are drawn once per (split, N, K, M, count, seed) and stored beside the cache, so
 every model and every ablation variant is scored on identical episodes, and `compare` can report
 the paired difference, whose confidence interval is far tighter than that of two separate means.
+A fine-tuned run is scored on the test split re-encoded by its tuned tower, but on the episodes
+stored beside the cache it trained from: the same file as every other run of that cache.
+
+A result records how its checkpoint was chosen (`select_on`): on the val split, or on these very
+test episodes (train.select_on=test, the released code's protocol), which makes it optimistic.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from clipspm.errors import ClipspmError
-from clipspm.stages.episodes import EpisodeIndex, build_episode, episode_file_name, fixed_episodes
-from clipspm.system import keeps_caller_threads, resolve_device, use_threads
+from clipspm.stages.episodes import EpisodeIndex, build_episode, fixed_episodes
+from clipspm.system import keeps_caller_threads, resolve_device, thread_plan, use_threads
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -70,6 +75,7 @@ class EvalResult:
     accuracy: float          # mean over episodes, in [0, 1]
     ci95: float              # half-width of the 95% confidence interval
     checkpoint: str
+    select_on: str           # the split whose episodes chose the checkpoint: val, or test (optimistic)
     cache: str
     episodes_file: str
     episodes_sha256: str
@@ -87,7 +93,7 @@ class TestRun:
 
 
 def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path | None = None,
-                  device: str | None = None, console: Console | None = None) -> TestRun:
+                  device: str | None = None, progress: bool = True, console: Console | None = None) -> TestRun:
     """Load a run's checkpoint and its test split onto `device`: what scoring and the report's figures need.
 
     A fine-tuned run is paired with a cache of the test split encoded by its tuned tower.
@@ -104,7 +110,7 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
         raise ClipspmError(f"--checkpoint {checkpoint!r}: choose {' or '.join(CHECKPOINTS)}")
     if cfg.get("finetune") is not None and cache_path is None:
         cache_path = tuned_test_cache(run_dir, cfg, console=console or make_console(), checkpoint=checkpoint,
-                                      device=str(device))
+                                      device=str(device), progress=progress)
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
     check_cache_fits(cache, cfg)
     cache.refuse(cache.check(read_blocks=False))   # the class arrays; load_run_data checks the test blocks it reads
@@ -123,6 +129,7 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     `episodes` and `queries` (None: the run's eval settings) must be at least 1. results.json names the cache
     and the episodes file by absolute path, whichever stage made the run.
     """
+    from clipspm.stages.runs import eval_episodes_file
     from clipspm.system import make_console
 
     for option, value in (("--episodes", episodes), ("--queries", queries)):
@@ -133,12 +140,14 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     run_dir = Path(run_dir)
     device = str(resolve_device(device))
     console.print(f"eval on {device}: {use_threads(device).describe()}")
-    loaded = open_test_run(run_dir, checkpoint=checkpoint, cache_path=cache_path, device=device, console=console)
+    loaded = open_test_run(run_dir, checkpoint=checkpoint, cache_path=cache_path, device=device, progress=progress,
+                           console=console)
     cfg, cache, test, head = loaded.cfg, loaded.cache, loaded.test, loaded.head
     episodes = cfg.eval.episodes if episodes is None else episodes
     queries = cfg.eval.queries if queries is None else queries
-    name = episode_file_name("test", cfg.train.ways, cfg.train.shots, queries, episodes, cfg.eval.seed)
-    file = cache.store_path.parent.resolve() / "episodes" / name
+    tuned = cfg.get("finetune") is not None   # its test cache holds the same videos as the cache it trained from
+    file = eval_episodes_file(Path(cfg.data.cache) if tuned else cache.store_path.parent, cfg, episodes=episodes,
+                              queries=queries)
     index, digest = fixed_episodes(file, test.labels, test.video_ids, ways=cfg.train.ways, shots=cfg.train.shots,
                                    queries=queries, episodes=episodes, seed=cfg.eval.seed)
     with Progress(console=console, disable=not progress) as bar:
@@ -146,7 +155,8 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     mean, ci = mean_ci(accuracy)
     result = EvalResult(run_dir=str(run_dir), split="test", ways=cfg.train.ways, shots=cfg.train.shots,
                         queries=queries, episodes=len(index), seed=cfg.eval.seed, accuracy=mean, ci95=ci,
-                        checkpoint=checkpoint, cache=str(cache.store_path.parent.resolve()), episodes_file=str(file),
+                        checkpoint=checkpoint, select_on=cfg.train.select_on,
+                        cache=str(cache.store_path.parent.resolve()), episodes_file=str(file),
                         episodes_sha256=digest, seconds=time.perf_counter() - started)
     np.save(run_dir / accuracy_file_name(digest), accuracy.astype(np.float32))
     (run_dir / RESULTS_NAME).write_text(json.dumps(asdict(result), indent=1))
@@ -165,11 +175,13 @@ def tuned_test_cache(run_dir: Path, cfg: DictConfig, *, console: Console, checkp
     with FeatureCache(find_store(Path(cfg.data.cache))) as source:
         meta = source.meta
     console.print(f"test features of the tuned tower ({weights})")
+    workers = thread_plan(resolve_device(device), cfg.finetune.workers).workers   # finetune's, within the cores
     result = extract(ExtractOptions(
         dataset=cfg.data.dataset, root=cfg.data.root or meta["dataset_root"], split_dir=cfg.data.split_dir,
         splits=("test",), backbone=meta["model"], pretrained=meta["pretrained"], weights=weights,
         num_frames=meta["num_frames"], train_views=0, seed=meta["settings"]["seed"],
-        cache_root=Path(cfg.data.cache_dir), device=device, progress=progress))
+        cache_root=Path(cfg.data.cache_dir), workers=workers,
+        device=device, progress=progress))
     return result.path
 
 
@@ -214,6 +226,8 @@ class Comparison:
     difference: float        # a - b, mean over the shared episodes
     ci95: float              # half-width of the CI of the paired difference
     episodes: int
+    select_on_a: str         # the split that chose each run's checkpoint (val, or test: optimistic)
+    select_on_b: str
 
     @property
     def significant(self) -> bool:
@@ -229,4 +243,10 @@ def compare_runs(run_a: Path, run_b: Path) -> Comparison:
                            f"({result_a['episodes_file']} vs {result_b['episodes_file']}); evaluate both with the "
                            f"same --episodes and --queries on the same cache")
     difference, ci = mean_ci(acc_a.astype(np.float64) - acc_b.astype(np.float64))
-    return Comparison(str(run_a), str(run_b), float(acc_a.mean()), float(acc_b.mean()), difference, ci, acc_a.size)
+    return Comparison(str(run_a), str(run_b), float(acc_a.mean()), float(acc_b.mean()), difference, ci, acc_a.size,
+                      selected_on(result_a), selected_on(result_b))
+
+
+def selected_on(result: dict) -> str:
+    """The split that chose a result's checkpoint; results written before the field existed were selected on val."""
+    return result.get("select_on", "val")

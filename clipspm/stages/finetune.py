@@ -14,9 +14,11 @@ resumed run and a K-process run equal to the uninterrupted single-process one.
 
 Validation re-encodes the val split's test views with the current tower (eval mode, no
 gradients: one forward per val video, no backward) and scores the heads stage's fixed val episodes
-on those features, in memory. Writing a val cache per validation would cost the same encoding
-plus disk traffic and leave a cache nobody reuses. Test evaluation, run once per finished run, does
-go through a cache: `evaluate.tuned_test_cache` extracts the test split with the tuned tower.
+on those features, in memory (with train.select_on=test: the test split and the stored test
+episodes `eval` scores, the released code's protocol). Writing a val cache per validation would
+cost the same encoding plus disk traffic and leave a cache nobody reuses. Test evaluation, run
+once per finished run, does go through a cache: `evaluate.tuned_test_cache` extracts the test
+split with the tuned tower.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ from clipspm.stages.runs import (
     open_run_cache,
     prepare_run_dir,
     save_validation,
+    selection_episodes,
     training_progress,
-    val_episodes,
 )
 from clipspm.system import keeps_caller_threads, make_console, use_threads
 from clipspm.video.decode import VideoReadError
@@ -91,7 +93,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     # ---- data: labels, class prompts and the starting tower from the cache; frames from the videos
     cache = open_run_cache(cfg, run_dir, resume=resume, console=console)
     dataset = video_dataset(cache, cfg)
-    train, val = split_videos(cache, dataset, "train"), split_videos(cache, dataset, "val")
+    train, held_out = split_videos(cache, dataset, "train"), split_videos(cache, dataset, t.select_on)
     class_text = class_prompts(cache, cfg, dist.device)
     base_classes = train.labels.unique().to(dist.device)
     clip = cached_clip(cache, dist.device)
@@ -123,7 +125,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     val_steps, log_steps = max(1, t.val_every // per_step), max(1, t.log_every // per_step)
     starts = micro_batch_starts(per_step, micro, dist)
     sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries)
-    val_index = val_episodes(cache, cfg, val.labels, val.keys) if dist.is_main else None
+    held_out_index = selection_episodes(cache, cfg, held_out.labels, held_out.keys) if dist.is_main else None
     if dist.is_main:
         prepare_run_dir(run_dir, cfg, resume=resume)
     step, best, resumed_at = 0, (-1.0, 0), None
@@ -138,9 +140,10 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
 
     def validate() -> float:
         tower.eval()
-        features = encode_test_views(clip, val, replace(views, train_views=0), precision, workers, ft.val_batch)
-        data = RunData(features, val.labels.to(dist.device), class_text, val.keys, train_views=0)
-        return float(evaluate_episodes(head, val_index, data, batch=cfg.eval.batch).mean())
+        features = encode_test_views(clip, held_out, replace(views, train_views=0), precision, workers,
+                                     ft.val_batch)
+        data = RunData(features, held_out.labels.to(dist.device), class_text, held_out.keys, train_views=0)
+        return float(evaluate_episodes(head, held_out_index, data, batch=cfg.eval.batch).mean())
 
     window = MetricsWindow()
     try:
@@ -176,8 +179,9 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
                                    rate=averaged["episodes_per_s"])
                 if step % val_steps == 0 or step == total_steps:
                     if dist.is_main:
-                        best = save_validation(run_dir, validate(), log=log, step=step, episode=episode_count,
-                                               best=best, heads=head, optimizer=optimizer, visual=tower)
+                        best = save_validation(run_dir, validate(), log=log, split=t.select_on, step=step,
+                                               episode=episode_count, best=best, heads=head, optimizer=optimizer,
+                                               visual=tower)
                         bar.update(task, val=best[0])
                     dist.barrier()
                     window.restart_clock()  # validation time is not training throughput
@@ -297,7 +301,7 @@ def encode_test_views(clip: ClipModel, videos: SplitVideos, settings: ViewSettin
     for decoded in loader:
         broken = [f"{videos.keys[item.row]} ({item.error})" for item in decoded if item.views is None]
         if broken:
-            raise ClipspmError(f"val video {broken[0]} decoded when the cache was made but fails now")
+            raise ClipspmError(f"video {broken[0]} decoded when the cache was made but fails now")
         frames = torch.stack([item.views.frames for item in decoded])                   # [b, 1, T, 3, S, S]
         encoded = clip.encode_frames(frames.flatten(0, 2), precision)                   # [(b T), C]
         features.append(rearrange(encoded, "(b t) c -> b 1 t c", t=settings.num_segments))
@@ -318,10 +322,11 @@ def check_init(init: Path, cfg: DictConfig) -> None:
 
 
 def video_dataset(cache: FeatureCache, cfg: DictConfig) -> VideoDataset:
-    """The train and val videos on disk, from `data.root` or the root the cache was extracted from."""
+    """The train videos and those selecting the best checkpoint (val, or test with train.select_on=test) on disk,
+    from `data.root` or the root the cache was extracted from."""
     root = cfg.data.root or cache.meta["dataset_root"]
-    dataset = load_dataset(cfg.data.dataset, root, split_dir=cfg.data.split_dir, splits=("train", "val"),
-                           seed=cfg.data.seed)
+    dataset = load_dataset(cfg.data.dataset, root, split_dir=cfg.data.split_dir,
+                           splits=("train", cfg.train.select_on), seed=cfg.data.seed)
     if dataset.split_hash != cache.meta["split_hash"]:
         raise CacheError(f"the split files of {cfg.data.dataset} at {root} are not those cache "
                          f"{cache.store_path.parent} was made with; pass the same --split-dir, or another --cache")

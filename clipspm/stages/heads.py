@@ -1,7 +1,8 @@
 """Stage two: train the CLIP-SPM heads episodically from the feature cache.
 
-Nothing here decodes a video or runs the encoder. The features of the train and val splits are
-loaded once onto the device; each optimiser step samples `episodes_per_step` episodes as index
+Nothing here decodes a video or runs the encoder. The features of the train split and of the split
+that selects the best checkpoint (val; test with train.select_on=test, the released code's protocol)
+are loaded once onto the device; each optimiser step samples `episodes_per_step` episodes as index
 tensors, gathers one augmented train view per video, and runs them through the heads as one
 batch (the paper's 16-episode gradient accumulation as a single step: the same gradient).
 """
@@ -31,8 +32,9 @@ from clipspm.stages.runs import (
     open_run_cache,
     prepare_run_dir,
     save_validation,
+    selection_episodes,
+    selection_key,
     training_progress,
-    val_episodes,
 )
 from clipspm.system import keeps_caller_threads, make_console, resolve_device, use_threads
 
@@ -53,8 +55,9 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     console.print(f"heads on {device}: {use_threads(device).describe()}")
     started = time.perf_counter()
     cache = open_run_cache(cfg, run_dir, resume=resume, console=console)
-    train, val = load_run_data(cache, cfg, "train", device), load_run_data(cache, cfg, "val", device, test_view=True)
     t = cfg.train
+    train = load_run_data(cache, cfg, "train", device)
+    held_out = load_run_data(cache, cfg, t.select_on, device, test_view=True)   # what picks the best checkpoint
     torch.manual_seed(t.seed)  # the initial weights, like everything after, follow from the seed
     head = build_head(cfg.model, cfg.loss, train.features.shape[-1]).to(device)
     parameters = [p for p in head.parameters() if p.requires_grad]
@@ -62,11 +65,11 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     optimizer = (torch.optim.Adam(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   capturable=graphed) if parameters else None)
     sampler = EpisodeSampler(train.labels, t.ways, t.shots, t.queries) if optimizer is not None else None
-    val_index = val_episodes(cache, cfg, val.labels, val.video_ids)
+    held_out_index = selection_episodes(cache, cfg, held_out.labels, held_out.video_ids)
     prepare_run_dir(run_dir, cfg, resume=resume)
 
     def validate() -> float:
-        return float(evaluate_episodes(head, val_index, val, batch=cfg.eval.batch).mean())
+        return float(evaluate_episodes(head, held_out_index, held_out, batch=cfg.eval.batch).mean())
 
     if optimizer is None:  # ProtoNet / plain OTAM: evaluate only, keep a checkpoint so `eval` works alike
         if resume:
@@ -77,8 +80,9 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
         save_checkpoint(run_dir / "checkpoints" / "last", heads=head, state=state)
         save_checkpoint(run_dir / "checkpoints" / "best", heads=head, state=state)
         with RunLog(run_dir) as log:
-            log.write({"episode": 0, "val_acc": score})
-        console.print(f"{cfg.model.kind} has no trainable parameters: nothing to train (val accuracy {score:.2%})")
+            log.write({"episode": 0, selection_key(t.select_on): score})
+        console.print(f"{cfg.model.kind} has no trainable parameters: nothing to train ({t.select_on} accuracy "
+                      f"{score:.2%})")
         return TrainResult(run_dir, 0, score, 0, time.perf_counter() - started, trained=False)
 
     per_step = t.episodes_per_step
@@ -111,8 +115,8 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
                 averaged = window.write(log, episode_count, per_step)
                 bar.update(task, loss=averaged["loss"], acc=averaged["accuracy"], rate=averaged["episodes_per_s"])
             if step % val_steps == 0 or step == total_steps:
-                best = save_validation(run_dir, validate(), log=log, step=step, episode=episode_count, best=best,
-                                       heads=head, optimizer=optimizer)
+                best = save_validation(run_dir, validate(), log=log, split=t.select_on, step=step,
+                                       episode=episode_count, best=best, heads=head, optimizer=optimizer)
                 bar.update(task, val=best[0])
                 window.restart_clock()
             bar.update(task, completed=episode_count)

@@ -31,7 +31,7 @@ from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episo
 
 CONFIG_NAME = "config.yaml"
 TENSORBOARD_PREFIX = "events.out.tfevents."                    # SummaryWriter's file names
-TENSORBOARD_TAGS = {"val_acc": "val/accuracy"}                 # other keys are train window means: train/KEY
+TENSORBOARD_TAGS = {"val_acc": "val/accuracy", "test_acc": "test/accuracy"}   # others: train window means, train/KEY
 PIPE_LINE_SECONDS = 30.0                                        # a progress line this often when not on a terminal
 
 
@@ -138,7 +138,7 @@ class RunLog:
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge, flush_secs=60)
 
     def write(self, record: dict) -> None:
-        """One record: `episode` and metric values (train means of a window, or `val_acc`)."""
+        """One record: `episode` and metric values (train means of a window, or `val_acc` / `test_acc`)."""
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -227,12 +227,13 @@ class MetricsWindow:
         self.started = time.perf_counter()
 
 
-def save_validation(run_dir: Path, score: float, *, log: RunLog, step: int, episode: int, best: tuple[float, int],
-                    heads: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_validation(run_dir: Path, score: float, *, log: RunLog, split: str, step: int, episode: int,
+                    best: tuple[float, int], heads: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     visual: torch.nn.Module | None = None) -> tuple[float, int]:
-    """Log a val accuracy, checkpoint `best` if it is the best so far and `last` always; return the
-    (best accuracy, its episode). The log is flushed with the checkpoint: what a resume keeps is on disk."""
-    log.write({"episode": episode, "val_acc": score})
+    """Log the accuracy on the selection episodes of `split` (`val_acc`, or `test_acc` with train.select_on=test),
+    checkpoint `best` if it is the best so far and `last` always; return the (best accuracy, its episode). The
+    log is flushed with the checkpoint: what a resume keeps is on disk."""
+    log.write({"episode": episode, selection_key(split): score})
     log.flush()
     improved = score > best[0]
     if improved:
@@ -334,11 +335,34 @@ def class_prompts(cache: FeatureCache, cfg: DictConfig, device: torch.device) ->
     return torch.from_numpy(text[:, :templates].mean(axis=1)).float().to(device)
 
 
-def val_episodes(cache: FeatureCache, cfg: DictConfig, labels: torch.Tensor, video_ids: list[str]) -> EpisodeIndex:
-    """The fixed val episodes of a run's settings, stored beside its cache and shared by both stages."""
+def selection_key(split: str) -> str:
+    """The metrics.jsonl key of the scores that pick the best checkpoint: val_acc, or test_acc."""
+    return f"{split}_acc"
+
+
+def selection_episodes(cache: FeatureCache, cfg: DictConfig, labels: torch.Tensor,
+                       video_ids: list[str]) -> EpisodeIndex:
+    """The fixed episodes that pick a run's `best` checkpoint, stored beside its cache and shared by both stages:
+    the val episodes (train.val_*), or with train.select_on=test the stored test episodes `eval` scores
+    (the released code's protocol). `labels` and `video_ids` are those of the split `train.select_on` names."""
     t = cfg.train
-    path = cache.store_path.parent / "episodes" / episode_file_name("val", t.ways, t.shots, t.val_queries,
-                                                                    t.val_episodes, t.seed)
-    index, _ = fixed_episodes(path, labels, video_ids, ways=t.ways, shots=t.shots, queries=t.val_queries,
-                              episodes=t.val_episodes, seed=t.seed, split="val")
+    if t.select_on == "test":
+        path = eval_episodes_file(cache.store_path.parent, cfg)
+        queries, episodes, seed = cfg.eval.queries, cfg.eval.episodes, cfg.eval.seed
+    else:
+        path = cache.store_path.parent / "episodes" / episode_file_name("val", t.ways, t.shots, t.val_queries,
+                                                                        t.val_episodes, t.seed)
+        queries, episodes, seed = t.val_queries, t.val_episodes, t.seed
+    index, _ = fixed_episodes(path, labels, video_ids, ways=t.ways, shots=t.shots, queries=queries,
+                              episodes=episodes, seed=seed, split=t.select_on)
     return index
+
+
+def eval_episodes_file(cache_dir: Path, cfg: DictConfig, *, episodes: int | None = None,
+                       queries: int | None = None) -> Path:
+    """Where the stored test episodes of a run's settings live beside the cache in `cache_dir` (eval.episodes,
+    eval.queries unless given, eval.seed)."""
+    t, e = cfg.train, cfg.eval
+    name = episode_file_name("test", t.ways, t.shots, e.queries if queries is None else queries,
+                             e.episodes if episodes is None else episodes, e.seed)
+    return Path(cache_dir).resolve() / "episodes" / name
