@@ -307,11 +307,15 @@ def train(
 @app.command()
 def methods() -> None:
     """Every registered few-shot method: its paper, its authors' code, what it needs, its parity status."""
+    from clipspm.pipeline.methods import STAGE_INPUTS
     from clipspm.pipeline.methods import methods as registered
 
     for method in registered().values():
-        reason = method.refusal()
+        reason = method.refusal(set(STAGE_INPUTS))
         usable = "runs from a feature cache" if reason is None else f"[yellow]refused[/]: {reason}"
+        if reason is None and method.stage_inputs:
+            usable += ", with what the stages load beside it: " + "; ".join(STAGE_INPUTS[need]
+                                                                           for need in method.stage_inputs)
         console.print(f"[bold]{method.name}[/]  {method.title} ({'trained' if method.trainable else 'no parameters'})")
         for label, text in [("paper", method.paper), ("code", method.code), ("needs", ", ".join(method.needs)),
                             ("input", usable), ("parity", method.parity), ("notes", method.notes)]:
@@ -380,7 +384,15 @@ def evaluate(
     table.add_row("checkpoint", result.checkpoint)
     if result.checkpoint == "best":
         table.add_row("model selection", _selection_text(result.select_on))
+    if result.video_text is not None:
+        table.add_row("descriptions", result.video_text)
+    if result.label_leak:
+        table.add_row("label leak", "[red]yes[/]: each query was scored with its true class's prompt (the released "
+                                    "protocol); not a few-shot accuracy")
     console.print(table)
+    if result.label_leak:
+        console.print("[red]LABEL LEAK[/]: this accuracy read the query labels (model.query_prompt=true_class_leak); "
+                      "compare it with a run of the default query_prompt on the same episodes (`clipspm compare`)")
 
 
 def _selection_text(select_on: str) -> str:

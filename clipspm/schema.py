@@ -43,6 +43,11 @@ class DataConfig(Section):
     cache_dir: str = Field("caches", description="where caches are looked up and made")
     cache_key: dict[str, Any] | None = Field(None, description="set by training: the settings of the cache the run "
                                                                "was trained from (checked on resume)")
+    descriptions: str | None = Field(None, description="CSV or JSON of video id (CLASS/VIDEO) -> description, for "
+                                                       "methods that read per-video text (mcdp); null: each video's "
+                                                       "class prompt stands in")
+    descriptions_sha256: str | None = Field(None, description="set by training: the hash of data.descriptions "
+                                                              "(checked on resume and at evaluation)")
 
 
 class TrainConfig(Section):

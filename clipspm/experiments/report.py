@@ -336,7 +336,7 @@ def embedding_points(run_dir: Path, *, classes: int = EMBEDDING_CLASSES, per_cla
                            for r in range(rounds)])                                                      # [R, N*K]
     class_rows = test.labels[query[0]].expand(rounds, -1)                                                # [R, N]
     episode = build_episode(EpisodeIndex(support, query, class_rows, shots, 1), test.features, test.labels,
-                            test.class_text)
+                            test.class_text, video_text=test.video_text)
     loaded.head.eval()
     compared = loaded.head(episode).query_features                                                       # [R, N, T, C]
     first = torch.tensor([[r < m.numel() for m in members] for r in range(rounds)], device=query.device)  # [R, N]

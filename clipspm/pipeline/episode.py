@@ -41,11 +41,16 @@ class Episode:
 
     support: Tensor            # [E, N*K, T, C] class-major: support[e, n*K + k] belongs to class n
     query: Tensor              # [E, N*M, T, C]
-    query_labels: Tensor       # [E, N*M] long in [0, N); heads read it only in training mode
+    query_labels: Tensor       # [E, N*M] long in [0, N); heads read it only in training mode (a head that reads
+                               # it at test time, only to reproduce a released protocol, says so with an
+                               # attribute `reads_query_labels = True`: evaluation marks its results as leaking)
     class_text: Tensor         # [E, N, C] prompt feature per episode class (mean of its first R templates)
     class_ids: Tensor          # [E, N] long: global class index (row of base_text for base classes)
     base_text: Tensor | None = None  # [B, C] prompt features of all base classes (CLIP-FSAR video-text loss)
     shots: int                 # K
+    class_rows: Tensor | None = None          # [E, N] long: rows of the cache's class arrays (HeadInputs.class_texts)
+    support_video_text: Tensor | None = None  # [E, N*K, C] a text feature per video (its description), or None:
+    query_video_text: Tensor | None = None    # [E, N*M, C]   the run has none (see STAGE_INPUTS["video_text"])
 
     def __post_init__(self) -> None:
         e, nk, t, c = self.support.shape
@@ -53,9 +58,10 @@ class Episode:
             raise ValueError(f"{nk} support videos do not split into {self.shots}-shot classes")
         n = nk // self.shots
         expected = {"query": (e, self.query.shape[1], t, c), "query_labels": (e, self.query.shape[1]),
-                    "class_text": (e, n, c), "class_ids": (e, n)}
+                    "class_text": (e, n, c), "class_ids": (e, n), "class_rows": (e, n),
+                    "support_video_text": (e, nk, c), "query_video_text": (e, self.query.shape[1], c)}
         for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
+            if getattr(self, name) is not None and tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"Episode.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
         if self.query.shape[1] % n:
             raise ValueError(f"{self.query.shape[1]} queries do not split over {n} classes")
@@ -97,14 +103,20 @@ class Episode:
                 return None
             return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
         return replace(self, support=move(self.support), query=move(self.query), query_labels=move(self.query_labels),
-                       class_text=move(self.class_text), class_ids=move(self.class_ids), base_text=move(self.base_text))
+                       class_text=move(self.class_text), class_ids=move(self.class_ids), base_text=move(self.base_text),
+                       class_rows=move(self.class_rows), support_video_text=move(self.support_video_text),
+                       query_video_text=move(self.query_video_text))
 
     def select(self, index: slice | int) -> Episode:
         """A sub-batch of the episodes (an int keeps the episode dim: E = 1)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
+
+        def part(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[index]
         return replace(self, support=self.support[index], query=self.query[index],
                        query_labels=self.query_labels[index], class_text=self.class_text[index],
-                       class_ids=self.class_ids[index])
+                       class_ids=self.class_ids[index], class_rows=part(self.class_rows),
+                       support_video_text=part(self.support_video_text), query_video_text=part(self.query_video_text))
 
 
 def class_prototypes(support: Tensor, shots: int) -> Tensor:

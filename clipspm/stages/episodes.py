@@ -88,13 +88,15 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 
 def build_episode(index: EpisodeIndex, features: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
-                  views: torch.Tensor | None = None, base_classes: torch.Tensor | None = None) -> Episode:
+                  views: torch.Tensor | None = None, base_classes: torch.Tensor | None = None,
+                  video_text: torch.Tensor | None = None) -> Episode:
     """Gather an Episode from a split's features.
 
     features [n, views, T, C] (any float dtype; returned as float32), labels [n] class rows,
     class_text [classes, C] prompt features, views: optional [E, N*(K+M)] view per video (else the
     test view 0). `base_classes` [B] class rows of the training classes enables the CLIP-FSAR
-    video-text loss (their row order defines `class_ids`).
+    video-text loss (their row order defines `class_ids`). `video_text` [n, C]: a text feature per
+    video (its description), gathered into the episode when given.
     """
     support_views = query_views = 0
     if views is not None:
@@ -109,8 +111,11 @@ def build_episode(index: EpisodeIndex, features: torch.Tensor, labels: torch.Ten
         class_ids, base_text = lookup[index.classes], class_text[base_classes]
     else:
         class_ids, base_text = index.classes, None
+    described = video_text is not None
     return Episode(support=support, query=query, query_labels=query_labels, class_text=class_text[index.classes],
-                   class_ids=class_ids, base_text=base_text, shots=index.shots)
+                   class_ids=class_ids, base_text=base_text, shots=index.shots, class_rows=index.classes,
+                   support_video_text=video_text[index.support].float() if described else None,
+                   query_video_text=video_text[index.query].float() if described else None)
 
 
 def describe_protocol(ways: int, shots: int, queries: int) -> str:

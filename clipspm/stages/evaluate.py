@@ -55,7 +55,7 @@ def evaluate_episodes(head: torch.nn.Module, index: EpisodeIndex, data, *, batch
     task = progress.add_task("eval", total=len(index)) if progress is not None else None
     for start in range(0, len(index), batch):
         part = index.slice(start, start + batch)
-        episode = build_episode(part, data.features, data.labels, data.class_text)
+        episode = build_episode(part, data.features, data.labels, data.class_text, video_text=data.video_text)
         logits = head(episode).logits                                       # [E, N*M, N]
         accuracies.append((logits.argmax(-1) == episode.query_labels).float().mean(-1).cpu())
         if task is not None:
@@ -80,6 +80,10 @@ class EvalResult:
     episodes_file: str
     episodes_sha256: str
     seconds: float
+    # The head read each query's true label to score it (a released protocol, kept to measure its effect):
+    # the accuracy is then not a few-shot accuracy.
+    label_leak: bool = False
+    video_text: str | None = None   # what stood for each video's description, for methods reading one
 
 
 @dataclass
@@ -101,7 +105,7 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
     from clipspm.cache.store import FeatureCache, find_store
     from clipspm.pipeline.methods import build_head
     from clipspm.stages.checkpoint import load_checkpoint
-    from clipspm.stages.runs import check_cache_fits, load_run_config, load_run_data
+    from clipspm.stages.runs import check_cache_fits, head_inputs, load_run_config, load_run_data
     from clipspm.system import make_console, resolve_device
 
     cfg = load_run_config(run_dir)
@@ -114,8 +118,9 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
     check_cache_fits(cache, cfg)
     cache.refuse(cache.check(read_blocks=False))   # the class arrays; load_run_data checks the test blocks it reads
-    test = load_run_data(cache, cfg, "test", device, test_view=True)
-    head = build_head(cfg.model, cfg.loss, test.features.shape[-1]).to(device)
+    inputs = head_inputs(cfg, cache, device)
+    test = load_run_data(cache, cfg, "test", device, test_view=True, inputs=inputs)
+    head = build_head(cfg.model, cfg.loss, test.features.shape[-1], inputs).to(device)
     load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint, heads=head)
     return TestRun(cfg, cache, test, head)
 
@@ -153,11 +158,17 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     with Progress(console=console, disable=not progress) as bar:
         accuracy = evaluate_episodes(head, index, test, batch=cfg.eval.batch, progress=bar)
     mean, ci = mean_ci(accuracy)
+    from clipspm.pipeline.methods import get_method
+    from clipspm.stages.runs import describe_video_text
+
     result = EvalResult(run_dir=str(run_dir), split="test", ways=cfg.train.ways, shots=cfg.train.shots,
                         queries=queries, episodes=len(index), seed=cfg.eval.seed, accuracy=mean, ci95=ci,
                         checkpoint=checkpoint, select_on=cfg.train.select_on,
                         cache=str(cache.store_path.parent.resolve()), episodes_file=str(file),
-                        episodes_sha256=digest, seconds=time.perf_counter() - started)
+                        episodes_sha256=digest, seconds=time.perf_counter() - started,
+                        label_leak=bool(getattr(head, "reads_query_labels", False)),
+                        video_text=describe_video_text(cfg) if "video_text" in get_method(cfg.model.kind).needs
+                        else None)
     np.save(run_dir / accuracy_file_name(digest), accuracy.astype(np.float32))
     (run_dir / RESULTS_NAME).write_text(json.dumps(asdict(result), indent=1))
     return result

@@ -39,7 +39,7 @@ from clipspm.cache.store import FeatureCache
 from clipspm.datasets import Dataset as VideoDataset
 from clipspm.datasets import load_dataset
 from clipspm.errors import CacheError, ClipspmError, DatasetError
-from clipspm.pipeline.encoder import ClipModel, feature_width, load_clip
+from clipspm.pipeline.encoder import ClipModel, feature_width
 from clipspm.pipeline.episode import StepResult, episode_step
 from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
@@ -55,6 +55,9 @@ from clipspm.stages.runs import (
     backbone_of,
     check_run_dir,
     class_prompts,
+    clip_of_cache,
+    description_features,
+    head_inputs,
     load_run_config,
     open_run_cache,
     prepare_run_dir,
@@ -97,6 +100,8 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     class_text = class_prompts(cache, cfg, dist.device)
     base_classes = train.labels.unique().to(dist.device)
     clip = cached_clip(cache, dist.device)
+    inputs = head_inputs(cfg, cache, dist.device, clip)   # the text tower, for methods that need it, is clip's
+    train_text, held_out_text = (description_features(cfg, videos.keys, inputs) for videos in (train, held_out))
     settings = cache.meta["settings"]
     views = ViewSettings(num_segments=cache.num_frames, train_views=1, shorter_side=settings["resize_shorter_side"],
                          crop=settings["crop"], hflip=settings["hflip"])   # SPEC section 1, as extracted
@@ -108,7 +113,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     if ft.activation_checkpointing:
         enable_activation_checkpointing(tower)
     torch.manual_seed(t.seed)  # the heads' initial weights, like everything after, follow from the seed
-    head = build_head(cfg.model, cfg.loss, clip.feature_dim).to(dist.device)
+    head = build_head(cfg.model, cfg.loss, clip.feature_dim, inputs).to(dist.device)
     if ft.init and not resume:
         load_checkpoint(Path(ft.init) / "checkpoints" / "best", heads=head)
     head_parameters = [p for p in head.parameters() if p.requires_grad]
@@ -142,7 +147,8 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
         tower.eval()
         features = encode_test_views(clip, held_out, replace(views, train_views=0), precision, workers,
                                      ft.val_batch)
-        data = RunData(features, held_out.labels.to(dist.device), class_text, held_out.keys, train_views=0)
+        data = RunData(features, held_out.labels.to(dist.device), class_text, held_out.keys, train_views=0,
+                       video_text=held_out_text)
         return float(evaluate_episodes(head, held_out_index, data, batch=cfg.eval.batch).mean())
 
     window = MetricsWindow()
@@ -161,7 +167,8 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
                     batch, frames = next(batches)
                     torch.manual_seed(t.seed * 1_000_003 + step * per_step + batch.first)  # dropout: per episode
                     result = forward_episodes(clip, head, batch, frames.to(dist.device, non_blocking=True),
-                                              train.labels, class_text, base_classes, precision, cfg.loss, per_step)
+                                              train.labels, class_text, base_classes, precision, cfg.loss, per_step,
+                                              train_text)
                     weight = len(batch.index) / per_step     # this share of the step's mean loss
                     (result.loss * weight).backward()
                     totals = totals + weight * torch.tensor(list(result.metrics.values()))
@@ -258,8 +265,10 @@ def micro_batches(sampler: EpisodeSampler, seed: int, steps: range, per_step: in
 
 def forward_episodes(clip: ClipModel, head: torch.nn.Module, batch: MicroBatch, frames: torch.Tensor,
                      labels: torch.Tensor, class_text: torch.Tensor, base_classes: torch.Tensor, precision: str,
-                     loss_cfg: DictConfig, episodes_per_step: int) -> StepResult:
-    """Frames of m episodes -> tower -> an Episode gathered like the heads stage's -> `episode_step`."""
+                     loss_cfg: DictConfig, episodes_per_step: int, video_text: torch.Tensor | None = None
+                     ) -> StepResult:
+    """Frames of m episodes -> tower -> an Episode gathered like the heads stage's -> `episode_step`.
+    `video_text` [n, C]: the description feature of every train video (rows of `labels`), if the run has them."""
     m, videos, num_frames = frames.shape[:3]
     features = clip.encode_frames(frames.flatten(0, 2), precision)                      # [(m V T), C]
     features = rearrange(features, "(v t) c -> v 1 t c", t=num_frames)                 # one view per video
@@ -268,7 +277,8 @@ def forward_episodes(clip: ClipModel, head: torch.nn.Module, batch: MicroBatch, 
     local = EpisodeIndex(positions[:, :supports], positions[:, supports:], batch.index.classes.to(features.device),
                          batch.index.shots, batch.index.queries)
     rows = torch.cat([batch.index.support, batch.index.query], 1).flatten()
-    episode = build_episode(local, features, labels[rows].to(features.device), class_text, None, base_classes)
+    episode = build_episode(local, features, labels[rows].to(features.device), class_text, None, base_classes,
+                            None if video_text is None else video_text[rows.to(video_text.device)])
     return episode_step(head, episode, loss_cfg, episodes_per_step)
 
 
@@ -349,16 +359,15 @@ def split_videos(cache: FeatureCache, dataset: VideoDataset, split: str) -> Spli
 def cached_clip(cache: FeatureCache, device: torch.device) -> ClipModel:
     """The CLIP model the cache was made with: the tower training starts from, and the text tower
     behind the cache's class prompts."""
-    meta, settings = cache.meta, cache.meta["settings"]
+    settings = cache.meta["settings"]
     if settings.get("tuned_weights_sha256"):
         raise CacheError(f"cache {cache.store_path.parent} was made with a fine-tuned tower; fine-tuning starts "
                          f"from the pretrained weights: pass a cache of those (or leave --cache out)")
-    clip = load_clip(meta["model"], meta["pretrained"], device, seed=settings["seed"])
-    if clip.weight_sha256 != meta["weight_sha256"]:
-        raise CacheError(f"the {meta['model']} weights {meta['pretrained']} are not those cache "
-                         f"{cache.store_path.parent} was made with (sha256 {clip.weight_sha256[:12]} vs "
-                         f"{meta['weight_sha256'][:12]}); pass the original weights or re-extract the cache")
-    return clip
+    if settings.get("person_crop"):
+        raise CacheError(f"cache {cache.store_path.parent} holds person-cropped frames (extract --person-crop); "
+                         f"fine-tuning decodes frames on the fly and does not run the person detector: fine-tune "
+                         f"from a cache without --person-crop")
+    return clip_of_cache(cache, device)
 
 
 def training_precision(precision: str, device: torch.device) -> str:

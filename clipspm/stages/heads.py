@@ -28,6 +28,7 @@ from clipspm.stages.runs import (
     RunLog,
     TrainResult,
     check_run_dir,
+    head_inputs,
     load_run_data,
     open_run_cache,
     prepare_run_dir,
@@ -55,11 +56,12 @@ def train_heads(cfg: DictConfig, run_dir: Path, *, resume: bool = False, progres
     console.print(f"heads on {device}: {use_threads(device).describe()}")
     started = time.perf_counter()
     cache = open_run_cache(cfg, run_dir, resume=resume, console=console)
+    inputs = head_inputs(cfg, cache, device)   # what the method needs beside the cache (a text tower)
     t = cfg.train
-    train = load_run_data(cache, cfg, "train", device)
-    held_out = load_run_data(cache, cfg, t.select_on, device, test_view=True)   # what picks the best checkpoint
+    train = load_run_data(cache, cfg, "train", device, inputs=inputs)
+    held_out = load_run_data(cache, cfg, t.select_on, device, test_view=True, inputs=inputs)   # picks the best
     torch.manual_seed(t.seed)  # the initial weights, like everything after, follow from the seed
-    head = build_head(cfg.model, cfg.loss, train.features.shape[-1]).to(device)
+    head = build_head(cfg.model, cfg.loss, train.features.shape[-1], inputs).to(device)
     parameters = [p for p in head.parameters() if p.requires_grad]
     graphed = t.cuda_graph and device.type == "cuda"    # the CPU always runs the step eagerly
     optimizer = (torch.optim.Adam(parameters, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -134,7 +136,8 @@ def training_step(head: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
     def step(support: torch.Tensor, query: torch.Tensor, classes: torch.Tensor,
              views: torch.Tensor | None) -> dict[str, torch.Tensor]:
         index = EpisodeIndex(support, query, classes, shots, queries)
-        episode = build_episode(index, data.features, data.labels, data.class_text, views, base_classes)
+        episode = build_episode(index, data.features, data.labels, data.class_text, views, base_classes,
+                                data.video_text)
         head.train()
         loss, _, metrics = episode_loss(head, episode, loss_cfg, episodes_per_step)
         optimizer.zero_grad(set_to_none=True)

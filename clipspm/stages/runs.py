@@ -25,8 +25,11 @@ from rich.text import Text
 
 from clipspm.cache.store import FeatureCache, find_store
 from clipspm.errors import CacheError, ClipspmError
-from clipspm.pipeline.encoder import feature_width
+from clipspm.pipeline.encoder import ClipModel, feature_width, file_sha256, load_clip
+from clipspm.pipeline.methods import HeadInputs, get_method
+from clipspm.pipeline.text_tower import TextTower
 from clipspm.stages.checkpoint import checkpoint_dir, save_checkpoint
+from clipspm.stages.descriptions import read_descriptions
 from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episodes
 
 CONFIG_NAME = "config.yaml"
@@ -272,6 +275,16 @@ def open_run_cache(cfg: DictConfig, run_dir: Path, *, resume: bool, console: Con
         raise CacheError(f"{cache.store_path} is not the cache {run_dir} was trained from; resume with that cache")
     data.cache = str(cache.store_path.parent.resolve())
     data.cache_key = cache.meta["settings"]
+    if data.get("descriptions"):
+        described = Path(data.descriptions)
+        if not described.is_file():
+            raise ClipspmError(f"data.descriptions {described} is not a file; pass a CSV or JSON of video id -> "
+                               f"description, or leave it out (the class prompts stand in)")
+        digest = file_sha256(described)
+        if resume and data.get("descriptions_sha256") not in (None, digest):
+            raise ClipspmError(f"data.descriptions {described} changed since {run_dir} began training; restore it "
+                               f"to resume")
+        data.descriptions, data.descriptions_sha256 = str(described.resolve()), digest
     return cache
 
 
@@ -304,6 +317,7 @@ class RunData:
     class_text: torch.Tensor   # [classes, C] prompt feature per class: mean of the first R templates (Eq. 2)
     video_ids: list[str]
     train_views: int           # views 1..V are augmented train views; 0 means only the test view exists
+    video_text: torch.Tensor | None = None   # [n, C] each video's description through the text tower, or None
 
     def random_views(self, index: EpisodeIndex, generator: torch.Generator) -> torch.Tensor | None:
         """One train view per video per episode [E, N*(K+M)], or None when there are none."""
@@ -314,16 +328,83 @@ class RunData:
 
 
 def load_run_data(cache: FeatureCache, cfg: DictConfig, split: str, device: torch.device, *,
-                  test_view: bool = False) -> RunData:
+                  test_view: bool = False, inputs: HeadInputs | None = None) -> RunData:
     """Read a split once, checked against the cache's checksums, and move it to `device`; `test_view`
-    keeps only view 0 (val/test)."""
+    keeps only view 0 (val/test). With `data.descriptions`, each video's description goes through the
+    text tower of `inputs`."""
     views = [0] if test_view else slice(None)
     loaded = cache.load_split(split, views)
     if loaded.rows.size == 0:
         raise CacheError(f"cache {cache.store_path.parent} has no usable {split} videos")
     return RunData(torch.from_numpy(loaded.features).to(device), torch.from_numpy(loaded.labels).to(device),
                    class_prompts(cache, cfg, device), loaded.video_ids,
-                   0 if test_view else loaded.features.shape[1] - 1)
+                   0 if test_view else loaded.features.shape[1] - 1,
+                   video_text=description_features(cfg, loaded.video_ids, inputs))
+
+
+def head_inputs(cfg: DictConfig, cache: FeatureCache, device: torch.device, clip: ClipModel | None = None
+                ) -> HeadInputs:
+    """What the method of `cfg` needs beside the cache (registry STAGE_INPUTS): the frozen text tower of
+    the model the cache was extracted with (of `clip` when the caller holds that model already), loaded
+    once onto `device`; the cache's class texts. Checks `data.descriptions` against the method and the
+    file the run was trained with."""
+    method = get_method(cfg.model.kind)
+    described = cfg.data.get("descriptions")
+    if described and "video_text" not in method.needs:
+        raise ClipspmError(f"data.descriptions is set, but model.kind={method.name} reads no per-video text; "
+                           f"leave data.descriptions out")
+    tower = None
+    if "text_tower" in method.needs or described:
+        tower = TextTower(clip.model, clip.name) if clip is not None else load_text_tower(cfg, cache, device)
+    return HeadInputs(text_tower=tower, class_texts=tuple(cache.class_texts.tolist()))
+
+
+def load_text_tower(cfg: DictConfig, cache: FeatureCache, device: torch.device) -> TextTower:
+    """The text tower of the model `cache` was extracted with, its weights checked against the cache's
+    provenance. A cache of a fine-tuned visual tower (a finetune run's test cache) is checked against the
+    cache the run trained from: tuning leaves the text tower as it was."""
+    source = cache
+    if cache.meta["settings"].get("tuned_weights_sha256"):
+        source = FeatureCache(find_store(Path(cfg.data.cache)))
+        if (source.meta["model"], source.meta["pretrained"]) != (cache.meta["model"], cache.meta["pretrained"]):
+            raise CacheError(f"cache {cache.store_path.parent} was encoded by a tuned {cache.meta['model']} tower, "
+                             f"but the run trained from {source.meta['model']} {source.meta['pretrained']}")
+    return TextTower(clip_of_cache(source, device).model, cache.meta["model"])
+
+
+def clip_of_cache(cache: FeatureCache, device: torch.device) -> ClipModel:
+    """The CLIP model a cache was extracted with (random weights again from its seed), refused when its
+    weights are not those the cache records."""
+    meta = cache.meta
+    clip = load_clip(meta["model"], meta["pretrained"], device, seed=meta["settings"]["seed"])
+    if clip.weight_sha256 != meta["weight_sha256"]:
+        raise CacheError(f"the {meta['model']} weights {meta['pretrained']} are not those cache "
+                         f"{cache.store_path.parent} was made with (sha256 {clip.weight_sha256[:12]} vs "
+                         f"{meta['weight_sha256'][:12]}); pass the original weights or re-extract the cache")
+    return clip
+
+
+def description_features(cfg: DictConfig, video_ids: list[str], inputs: HeadInputs | None) -> torch.Tensor | None:
+    """[n, C] the descriptions of `video_ids` (data.descriptions) through the text tower; None without a file."""
+    path = cfg.data.get("descriptions")
+    if not path:
+        return None
+    recorded, digest = cfg.data.get("descriptions_sha256"), file_sha256(Path(path))
+    if recorded and recorded != digest:
+        raise ClipspmError(f"data.descriptions {path} changed since the run was trained (sha256 {digest[:12]}, "
+                           f"trained with {recorded[:12]}); restore the file or train again")
+    if inputs is None or inputs.text_tower is None:
+        raise ClipspmError("data.descriptions needs the text tower: load the split with the stage's head_inputs")
+    texts = read_descriptions(Path(path), video_ids)
+    return inputs.text_tower.encode(texts)
+
+
+def describe_video_text(cfg: DictConfig) -> str:
+    """What stood for each video's description in a run that reads per-video text (results.json)."""
+    path = cfg.data.get("descriptions")
+    if not path:
+        return "class prompts (no data.descriptions)"
+    return f"{path} (sha256 {file_sha256(Path(path))[:12]})"
 
 
 def class_prompts(cache: FeatureCache, cfg: DictConfig, device: torch.device) -> torch.Tensor:

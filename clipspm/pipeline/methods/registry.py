@@ -8,6 +8,11 @@ imported as well. The file defines its options (subclasses of `clipspm.schema.Mo
 `LossOptions`), its head (an `nn.Module` mapping an `Episode` to a `HeadOutput`) and calls
 `register_method(Method(...))`. Per-dataset and per-profile defaults go in
 `clipspm/configs/methods/NAME.yaml` (see `clipspm.config.method_layers`).
+
+What a head may use: the cache's features and class prompts (CACHE_INPUTS), and what the stages load
+beside the cache when a method's `needs` name it (STAGE_INPUTS): such a method's `build` takes a
+fourth argument, the `HeadInputs` the stage made. A need that no stage provides (OTHER_INPUTS) makes
+the method refused, with its reason.
 """
 
 from __future__ import annotations
@@ -32,10 +37,26 @@ from clipspm.schema import LossOptions, ModelOptions
 CACHE_INPUTS = {"frames": "per-frame CLIP embeddings [T, C] of every video",
                 "class_text": "the prompt feature of every class",
                 "base_text": "the prompt features of all training classes"}
-OTHER_INPUTS = {"patch_tokens": "patch tokens of every frame (the cache holds one embedding per frame)",
-                "text_tower": "the CLIP text tower run inside the training step (the cache holds fixed text "
-                              "features)"}
+# What the heads, finetune and eval stages load beside the cache for a method whose `needs` name it
+# (clipspm.stages.runs.head_inputs).
+STAGE_INPUTS = {"text_tower": "the frozen CLIP text tower of the cache's model, run inside the training step",
+                "video_text": "a text feature per video: its description (data.descriptions) through the text "
+                              "tower, or its class prompt where the run has no descriptions"}
+# What no stage provides: a method needing one of these is refused.
+OTHER_INPUTS = {"patch_tokens": "patch tokens of every frame (the cache holds one embedding per frame)"}
 PLUGIN_VARIABLE = "CLIPSPM_METHODS"
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What a stage hands the `build` of a method that needs STAGE_INPUTS."""
+
+    text_tower: Any = None                 # clipspm.pipeline.text_tower.TextTower, frozen, on the stage's device
+    class_texts: tuple[str, ...] = ()      # the cache's class texts by class row (what Episode.class_rows index)
+
+    def provided(self) -> set[str]:
+        """The STAGE_INPUTS these inputs hold (video_text always: the class prompt stands in for descriptions)."""
+        return {"video_text"} | ({"text_tower"} if self.text_tower is not None else set())
 
 
 @dataclass(frozen=True)
@@ -46,27 +67,34 @@ class Method:
     title: str                                  # short display name, e.g. "CLIP-SPM"
     paper: str                                  # citation
     code: str                                   # where its authors' code is ("-" if none)
-    build: Callable[[Any, Any, int], nn.Module]  # (model options, loss options, feature width C) -> head
+    build: Callable[..., nn.Module]             # (model options, loss options, feature width C) -> head; with
+                                                # STAGE_INPUTS in `needs`, a 4th argument: the HeadInputs
     model_options: type[ModelOptions]
     loss_options: type[LossOptions] = LossOptions
-    needs: tuple[str, ...] = ("frames",)        # keys of CACHE_INPUTS / OTHER_INPUTS
+    needs: tuple[str, ...] = ("frames",)        # keys of CACHE_INPUTS / STAGE_INPUTS / OTHER_INPUTS
     trainable: bool = True                      # False: no parameters, scored without training
     parity: str = "not checked against its authors' code"
     defaults: str | None = None                 # configs/methods/{defaults}.yaml, if it has per-dataset data
     notes: str = ""
 
     @property
-    def missing_inputs(self) -> list[str]:
-        """What this method needs beyond the cache; empty when it runs from cached features."""
-        return [need for need in self.needs if need not in CACHE_INPUTS]
+    def stage_inputs(self) -> list[str]:
+        """What this method needs that the stages load beside the cache (STAGE_INPUTS)."""
+        return [need for need in self.needs if need in STAGE_INPUTS]
 
-    def refusal(self) -> str | None:
-        """Why the method cannot run from a feature cache, or None."""
-        missing = self.missing_inputs
+    def missing_inputs(self, provided: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """What this method needs beyond the cache and `provided`; empty when it can run."""
+        return [need for need in self.needs if need not in CACHE_INPUTS and need not in provided]
+
+    def refusal(self, provided: set[str] | frozenset[str] = frozenset()) -> str | None:
+        """Why the method cannot run from a feature cache and the inputs `provided`, or None."""
+        missing = self.missing_inputs(provided)
         if not missing:
             return None
-        reasons = "; ".join(OTHER_INPUTS.get(need, need) for need in missing)
-        return f"model.kind={self.name} ({self.title}) needs {reasons}, which the feature cache does not hold"
+        reasons = "; ".join({**STAGE_INPUTS, **OTHER_INPUTS}.get(need, need) for need in missing)
+        where = "the feature cache does not hold" if all(need not in STAGE_INPUTS for need in missing) else \
+            "this caller did not provide (the heads, finetune and eval stages do)"
+        return f"model.kind={self.name} ({self.title}) needs {reasons}, which {where}"
 
 
 _METHODS: dict[str, Method] = {}
