@@ -97,6 +97,18 @@ def extract(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu. Default: CUDA when available.")] = None,
     block: Annotated[Optional[int], typer.Option(
         help="Videos per written chunk: after a kill at most this many are encoded again.")] = None,
+    person_crop: Annotated[Optional[str], typer.Option(
+        help="Cut every sampled frame around the one person a torchvision detector finds in it (MCDP-FSAR's VFAM): "
+             "fasterrcnn_resnet50_fpn[_v2], fasterrcnn_mobilenet_v3_large[_320]_fpn, retinanet_resnet50_fpn[_v2] or "
+             "fcos_resnet50_fpn. Frames without exactly one person are replaced by the nearest one of their "
+             "segment that has one. A separate cache.")] = None,
+    detector_weights: Annotated[Optional[Path], typer.Option(
+        help="The detector's weights, a local state-dict file (.pth or .safetensors); nothing is downloaded.")] = None,
+    person_score: Annotated[Optional[float], typer.Option(
+        help="Detection score from which a person counts (default 0.25, the released detector call's).")] = None,
+    person_tries: Annotated[Optional[int], typer.Option(
+        help="Frames of a segment tried, the sampled one then the nearest, before the video fails (default 8).")]
+    = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Decode 8-frame TSN samples, encode them with a frozen CLIP visual tower, store features + text features.
@@ -110,9 +122,11 @@ def extract(
 
     options = ExtractOptions(dataset=dataset, root=root, split_dir=split_dir, splits=_split_list(splits),
                              backbone=backbone, pretrained=pretrained, weights=_weights_file(weights), seed=seed,
-                             format=format, cache_root=cache_dir, device=device, progress=progress)
+                             format=format, cache_root=cache_dir, device=device, progress=progress,
+                             person_crop=person_crop, detector_weights=detector_weights)
     for name, value in [("num_frames", num_frames), ("train_views", train_views), ("batch_frames", batch_frames),
-                        ("workers", workers), ("precision", precision), ("block", block)]:
+                        ("workers", workers), ("precision", precision), ("block", block),
+                        ("person_score", person_score), ("person_tries", person_tries)]:
         if value is not None:
             setattr(options, name, value)
     result = run_extract(options)

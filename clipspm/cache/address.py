@@ -20,9 +20,12 @@ def settings_key(settings: dict) -> str:
 
 
 def cache_path(cache_root: Path, settings: dict) -> Path:
-    """`CACHE_ROOT/{dataset}-{model}-{weights}-T{T}-{key}`: readable, and unique per settings."""
+    """`CACHE_ROOT/{dataset}-{model}-{weights}-T{T}-{key}`: readable, and unique per settings (`-person`
+    after the weights: frames cut around a person, extract --person-crop)."""
     weights = settings["pretrained"] if settings["pretrained_kind"] == "tag" else settings["pretrained_kind"]
     if settings.get("tuned_weights_sha256"):
         weights += "-tuned"
+    if settings.get("person_crop"):
+        weights += "-person"
     name = f"{settings['dataset']}-{settings['model']}-{weights}-T{settings['num_frames']}-{settings_key(settings)}"
     return Path(cache_root) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)

@@ -14,6 +14,10 @@ Layout (V train views, view 0 is the test view; rows follow the dataset: train, 
     labels            [videos]            int32     row in the class arrays
     class_keys, class_texts, class_splits [classes] str
     text_features     [classes, R, C]     float32   every prompt template x every class
+    person_boxes      [videos, 1+V, T, 4] float32   caches with person crops only: the person (x1, y1, x2, y2,
+                                                    source pixels) each frame was cut around; written with its
+                                                    block before the block's status, not checksummed (provenance:
+                                                    training never reads it)
 
 Provenance lives in the attribute `clipspm` (a dict in Zarr, a JSON string in HDF5).
 
@@ -94,8 +98,10 @@ class CacheShape:
 
 
 def create_store(path: Path, shape: CacheShape, *, video_ids: list[str], labels: np.ndarray, split: list[str],
-                 class_keys: list[str], class_texts: list[str], class_splits: list[str], meta: dict) -> None:
-    """A new Zarr store with the arrays written once filled (and their checksums recorded) and every video pending."""
+                 class_keys: list[str], class_texts: list[str], class_splits: list[str], meta: dict,
+                 person_boxes: bool = False) -> None:
+    """A new Zarr store with the arrays written once filled (and their checksums recorded) and every video pending
+    (`person_boxes`: with the array of person boxes of a person-crop cache)."""
     root = zarr.open_group(str(path), mode="w")
     n, v, t, c, b = shape.num_videos, shape.views, shape.num_frames, shape.feature_dim, shape.block
     root.create_array("features", shape=(n, v, t, c), chunks=(b, v, t, c), dtype="float16", fill_value=0)
@@ -105,6 +111,9 @@ def create_store(path: Path, shape: CacheShape, *, video_ids: list[str], labels:
     root.create_array("num_source_frames", shape=(n,), chunks=(b,), dtype="int32", fill_value=0)
     root.create_array("status", shape=(n,), chunks=(b,), dtype="int8", fill_value=PENDING)
     root.create_array("error", shape=(n,), chunks=(b,), dtype=str)
+    if person_boxes:
+        root.create_array("person_boxes", shape=(n, v, t, 4), chunks=(b, v, t, 4), dtype="float32",
+                          fill_value=np.nan)
     _create_checksums(root, shape.num_blocks)
     classes = {"video_ids": video_ids, "split": split, "labels": np.asarray(labels, dtype="int32"),
                "class_keys": class_keys, "class_texts": class_texts, "class_splits": class_splits}
@@ -246,6 +255,11 @@ class FeatureCache:
     @property
     def class_splits(self) -> np.ndarray:
         return self.strings("class_splits")
+
+    @property
+    def person_boxes(self):
+        """[videos, views, T, 4] person boxes of a person-crop cache (slice it to read); None otherwise."""
+        return self._root["person_boxes"] if "person_boxes" in self._root else None
 
     @cached_property
     def shape(self) -> tuple[int, int, int, int]:
@@ -510,8 +524,10 @@ class StoreWriter(FeatureCache):
 
     def write_block(self, rows: slice, *, features: np.ndarray, frame_indices: np.ndarray,
                     crop_offsets: np.ndarray, flipped: np.ndarray, num_source_frames: np.ndarray,
-                    status: np.ndarray, error: list[str]) -> None:
+                    status: np.ndarray, error: list[str], person_boxes: np.ndarray | None = None) -> None:
         """One block of videos, then its checksum, then its `status`: a kill leaves the block pending."""
+        if person_boxes is not None:
+            self._root["person_boxes"][rows] = person_boxes
         given = dict(features=features, frame_indices=frame_indices, crop_offsets=crop_offsets, flipped=flipped,
                      num_source_frames=num_source_frames, status=status, error=error)
         values = {name: np.asarray(given[name], dtype=dtype) if dtype else list(given[name])

@@ -9,6 +9,12 @@ it (clipspm/cache/checksum.py): blocks that fail their checksum are encoded agai
 ones, damaged class arrays and text features are rewritten, so the same command repairs a cache.
 Under torchrun the blocks to encode are shared out across ranks, which all write into the one
 store (an HDF5 file being repaired is written by rank 0 alone).
+
+With `person_crop` (MCDP-FSAR's VFAM, clipspm/video/person.py) every sampled frame is first cut
+around the one person a detector finds in it; the detector and its weights' hash are part of the
+cache's settings (another address), the person boxes are stored beside the features. The detector
+runs where the frames are decoded: in the DataLoader workers on the CPU, or, on a GPU, in the main
+process on the GPU (decoding then happens there too).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import open_clip
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.utils.data import DataLoader
 
 import clipspm
@@ -43,9 +50,10 @@ from clipspm.cache.store import (
 from clipspm.config import load_config, prompt_templates
 from clipspm.datasets import Dataset, load_dataset
 from clipspm.errors import CacheError, ClipspmError
-from clipspm.pipeline.encoder import ClipModel, load_clip, resolve_precision
+from clipspm.pipeline.encoder import ClipModel, file_sha256, load_clip, resolve_precision, state_dict_sha256
 from clipspm.stages import distributed
 from clipspm.system import keeps_caller_threads, make_console, use_threads
+from clipspm.video.person import PersonCropper, PersonCropSettings, build_detector
 from clipspm.video.views import VideoItem, VideoViewsDataset, ViewSettings, collate_items
 
 DEFAULTS = load_config("extract")
@@ -77,6 +85,12 @@ class ExtractOptions:
     # An existing store's written blocks are read and checked against their checksums (False: only
     # their chunk files are looked for, when the caller checks what it reads, as training does).
     check_blocks: bool = True
+    person_crop: str | None = None          # a detector (clipspm.video.person.DETECTORS): cut frames around a person
+    detector_weights: Path | None = None    # its weights, a local file
+    person_score: float = DEFAULTS.person_crop.score
+    person_tries: int = DEFAULTS.person_crop.tries
+    person_detector: nn.Module | None = None  # a detection module of the caller's, used instead of building
+                                              # `person_crop` (which then only names it)
 
 
 @dataclass
@@ -125,18 +139,22 @@ def extract(options: ExtractOptions) -> ExtractResult:
         options = replace(options, workers=threads.workers)
     console.print(f"extract on {dist.device}: {threads.describe()}")
 
+    person, person_settings = person_cropper(options, dist.device)
+    if person is not None and person.device.type == "cuda" and options.workers:
+        console.print("person crops on the GPU: frames are decoded in the main process, where the detector runs")
+        options = replace(options, workers=0)
     dataset = _load_dataset_once(options, dist)
     clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,
                      dist.device, seed=options.seed, weights=options.weights)
     views = view_settings(options, dataset, clip)
-    settings = content_settings(options, dataset, clip, views)
+    settings = content_settings(options, dataset, clip, views, person_settings)
     path = cache_path(options.cache_root, settings)
     final = path / STORE_NAMES[options.format]
 
     working = final if options.format == "zarr" or final.exists() else path / STAGING_NAME
     fresh = not working.exists()
     if dist.is_main and fresh:
-        _create(working, dataset, clip, views, settings, options)
+        _create(working, dataset, clip, views, settings, options, person_settings)
     dist.barrier()
     solo = working.suffix == ".h5"    # one process writes an HDF5 file
     writer = StoreWriter(working) if dist.is_main or not solo else None
@@ -164,7 +182,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
                            checksums_recorded=plan.recorded)
     mine = (blocks if dist.is_main else []) if solo else blocks[dist.rank::dist.world_size]
     encode_started = time.perf_counter()
-    encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist)
+    encoded = _encode_blocks(writer, mine, dataset, clip, views, options, console, dist, person)
     encode_seconds = time.perf_counter() - encode_started
 
     dist.barrier()
@@ -241,17 +259,48 @@ def view_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel) ->
                         hflip=dataset.hflip)
 
 
-def video_loader(dataset: Dataset, rows: list[int], views: ViewSettings, options: ExtractOptions) -> DataLoader:
+def person_cropper(options: ExtractOptions, device: torch.device) -> tuple[PersonCropper | None, dict | None]:
+    """The person cropper `options` ask for (None without --person-crop) and its settings for the cache:
+    the detector, its weights' hash, the rule and the geometry. On the device where it will run: the
+    extraction device when frames are decoded in this process (no workers, or a GPU), else the CPU."""
+    if options.person_crop is None:
+        if options.person_detector is not None or options.detector_weights is not None:
+            raise ClipspmError("--detector-weights is for --person-crop DETECTOR; pass both or neither")
+        return None, None
+    if options.person_detector is not None:
+        detector = options.person_detector
+        digest = file_sha256(Path(options.detector_weights)) if options.detector_weights else state_dict_sha256(detector)
+    else:
+        if options.detector_weights is None:
+            raise ClipspmError(f"--person-crop {options.person_crop} needs --detector-weights PATH: the detector's "
+                               f"weights as a local file (nothing is downloaded)")
+        detector = build_detector(options.person_crop, Path(options.detector_weights))
+        digest = file_sha256(Path(options.detector_weights))
+    geometry = DEFAULTS.person_crop
+    settings = PersonCropSettings(score=options.person_score, tries=options.person_tries, height=geometry.height,
+                                  width=geometry.width, extend_right=geometry.extend_right,
+                                  extend_down=geometry.extend_down, label=geometry.label)
+    if not 0 <= settings.score <= 1 or settings.tries < 1:
+        raise ClipspmError("--person-score must lie in [0, 1] and --person-tries be at least 1")
+    here = device.type == "cuda" or options.workers == 0
+    recorded = {"detector": options.person_crop, "detector_sha256": digest, **vars(settings)}
+    return PersonCropper(detector, settings, device if here else "cpu"), recorded
+
+
+def video_loader(dataset: Dataset, rows: list[int], views: ViewSettings, options: ExtractOptions,
+                 person: PersonCropper | None = None) -> DataLoader:
     """Workers that decode, sample and crop the videos `rows`: lists of VideoItem, `batch_frames` frames each."""
     videos = [(row, dataset.videos[row].key, dataset.videos[row].path, dataset.videos[row].problem) for row in rows]
     videos_per_batch = max(1, options.batch_frames // (views.views * views.num_segments))
-    return DataLoader(VideoViewsDataset(videos, views, options.seed), batch_size=videos_per_batch,
+    return DataLoader(VideoViewsDataset(videos, views, options.seed, person), batch_size=videos_per_batch,
                       num_workers=options.workers, collate_fn=collate_items,
                       prefetch_factor=4 if options.workers > 0 else None)
 
 
-def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel, views: ViewSettings) -> dict:
-    """Everything that decides what the cache holds: the cache's address is their hash."""
+def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel, views: ViewSettings,
+                     person: dict | None = None) -> dict:
+    """Everything that decides what the cache holds: the cache's address is their hash. Person crops add
+    their settings (a cache without them keeps the address it always had)."""
     return {
         "dataset": dataset.name,
         "split_hash": dataset.split_hash,
@@ -269,6 +318,7 @@ def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel,
         "hflip": views.hflip,
         "seed": options.seed,
         "templates": list(prompt_templates()),
+        **({"person_crop": person} if person is not None else {}),
     }
 
 
@@ -288,7 +338,7 @@ def _load_dataset_once(options: ExtractOptions, dist: distributed.Distributed) -
 
 
 def _create(working: Path, dataset: Dataset, clip: ClipModel, views: ViewSettings, settings: dict,
-            options: ExtractOptions) -> None:
+            options: ExtractOptions, person: dict | None) -> None:
     """Build the empty store under a temporary name, so that a kill here leaves nothing half-made."""
     shape = CacheShape(num_videos=len(dataset.videos), views=views.views, num_frames=views.num_segments,
                        feature_dim=clip.feature_dim, num_classes=len(dataset.classes),
@@ -319,10 +369,15 @@ def _create(working: Path, dataset: Dataset, clip: ClipModel, views: ViewSetting
         "format": options.format,
         "extract_args": extract_args(options, dataset),
     }
+    if person is not None:
+        meta["person_crop"] = {**person, "detector_weights": str(Path(options.detector_weights).resolve())
+                               if options.detector_weights else None,
+                               "rule": "each sampled frame replaced by the nearest frame of its segment showing "
+                                       "exactly one person, cut around that person (clipspm/video/person.py)"}
     staging = working.with_name(working.name + ".creating")
     if staging.exists():
         shutil.rmtree(staging)
-    create_store(staging, shape, **_class_arrays(dataset), meta=meta)
+    create_store(staging, shape, **_class_arrays(dataset), meta=meta, person_boxes=person is not None)
     working.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(working)
 
@@ -358,6 +413,11 @@ def extract_args(options: ExtractOptions, dataset: Dataset) -> list[str]:
              "--seed", str(options.seed)]
     if options.format != "zarr":
         args += ["--format", options.format]
+    if options.person_crop is not None:
+        args += ["--person-crop", options.person_crop, "--person-score", str(options.person_score),
+                 "--person-tries", str(options.person_tries)]
+        if options.detector_weights is not None:
+            args += ["--detector-weights", str(Path(options.detector_weights).resolve())]
     return args
 
 
@@ -370,8 +430,9 @@ def _check_same_settings(meta: dict, settings: dict, where: Path) -> None:
 class _BlockBuffer:
     """Results of one block's videos, collected until the block is complete and written whole."""
 
-    def __init__(self, rows: slice, views: int, num_frames: int, feature_dim: int):
+    def __init__(self, rows: slice, views: int, num_frames: int, feature_dim: int, person: bool = False):
         n = rows.stop - rows.start
+        self.person_boxes = np.full((n, views, num_frames, 4), np.nan, "float32") if person else None
         self.rows = rows
         self.missing = n
         self.features = np.zeros((n, views, num_frames, feature_dim), "float16")
@@ -393,23 +454,27 @@ class _BlockBuffer:
         self.crop_offsets[i] = item.views.crop_offsets
         self.flipped[i] = item.views.flipped
         self.num_source_frames[i] = item.views.num_frames
+        if self.person_boxes is not None:
+            self.person_boxes[i] = item.views.person_boxes
         self.status[i] = DONE
 
     def write(self, writer: StoreWriter) -> None:
         writer.write_block(self.rows, features=self.features, frame_indices=self.frame_indices,
                            crop_offsets=self.crop_offsets, flipped=self.flipped,
-                           num_source_frames=self.num_source_frames, status=self.status, error=self.error)
+                           num_source_frames=self.num_source_frames, status=self.status, error=self.error,
+                           person_boxes=self.person_boxes)
 
 
 @torch.inference_mode()
 def _encode_blocks(writer: StoreWriter, blocks: list[int], dataset: Dataset, clip: ClipModel, views: ViewSettings,
-                   options: ExtractOptions, console: Console, dist: distributed.Distributed) -> int:
+                   options: ExtractOptions, console: Console, dist: distributed.Distributed,
+                   person: PersonCropper | None = None) -> int:
     """Decode in workers, encode batches of frames, write each block once all its videos are in."""
     shape = CacheShape(len(dataset.videos), views.views, views.num_segments, clip.feature_dim, 0, 0, options.block)
     rows = [row for block in blocks for row in range(*shape.block_rows(block).indices(shape.num_videos))]
     if not rows:
         return 0
-    loader = video_loader(dataset, rows, views, options)
+    loader = video_loader(dataset, rows, views, options, person)
     precision = resolve_precision(options.precision, clip.device)
     # On the CPU every forward reuses one input tensor (see ClipModel.normalize); CUDA's allocator reuses its own.
     inputs = torch.empty(options.batch_frames, 3, views.crop, views.crop) if clip.device.type == "cpu" else None
@@ -428,7 +493,7 @@ def _encode_blocks(writer: StoreWriter, blocks: list[int], dataset: Dataset, cli
                 block = item.row // options.block
                 if block not in buffers:
                     buffers[block] = _BlockBuffer(shape.block_rows(block), views.views, views.num_segments,
-                                                  clip.feature_dim)
+                                                  clip.feature_dim, person is not None)
                 buffers[block].add(item, next(features) if item.views is not None else None)
                 failed += item.views is None
                 if buffers[block].missing == 0:

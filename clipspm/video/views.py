@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from torchvision.transforms.v2 import functional as tvf
 
 from clipspm.video.decode import VideoReadError, open_video, read_frames
 from clipspm.video.sampling import sample_crops, sample_frame_indices, video_rng
+
+if TYPE_CHECKING:
+    from clipspm.video.person import PersonCropper
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,17 @@ class VideoViews:
     flipped: np.ndarray          # [views] bool
     num_frames: int              # frames in the source video
     backend: str                 # which decoder read it
+    person_boxes: np.ndarray | None = None   # [views, T, 4] the person each frame was cut around (person crops)
 
 
-def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator, *, test_view: bool = True) -> VideoViews:
+def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator, *, test_view: bool = True,
+               person: PersonCropper | None = None) -> VideoViews:
     """Decode the sampled frames of one video once and cut every view from them.
 
     `test_view=False` leaves view 0 out (and does not decode its frames): the train views are the same
-    as with it, since the test view draws nothing from `rng`.
+    as with it, since the test view draws nothing from `rng`. With `person`, each sampled frame is first
+    replaced by its crop around the one person in it (clipspm/video/person.py); the views are cut from
+    those crops as from the frames of a video of the crops' size.
     """
     source = open_video(path)
     if source.num_frames < settings.num_segments:
@@ -52,8 +60,15 @@ def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator, *, 
                                    train_views=settings.train_views)
     kept = slice(0 if test_view else 1, None)
     indices = indices[kept]
-    unique, positions = np.unique(indices, return_inverse=True)
-    decoded = read_frames(source, unique)                                   # [U, H, W, 3]
+    boxes = None
+    if person is None:
+        unique, positions = np.unique(indices, return_inverse=True)
+        decoded = read_frames(source, unique)                               # [U, H, W, 3]
+        picks = positions.reshape(indices.shape)
+    else:
+        decoded, indices, boxes = person.frames(source, indices, settings.num_segments)
+        decoded = decoded.reshape(-1, *decoded.shape[2:])                  # [views*T, h, w, 3]
+        picks = np.arange(indices.size).reshape(indices.shape)
     offsets, flipped, resized_hw = sample_crops(decoded.shape[1:3], rng, views=settings.views,
                                                 shorter_side=settings.shorter_side, crop=settings.crop,
                                                 hflip=settings.hflip)
@@ -63,9 +78,10 @@ def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator, *, 
         frames = tvf.resize(frames, list(resized_hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
     views = []
     for view, (top, left) in enumerate(offsets):
-        clip = frames[positions.reshape(indices.shape)[view], :, top:top + settings.crop, left:left + settings.crop]
+        clip = frames[picks[view], :, top:top + settings.crop, left:left + settings.crop]
         views.append(clip.flip(-1) if flipped[view] else clip)
-    return VideoViews(torch.stack(views).contiguous(), indices, offsets, flipped, source.num_frames, source.backend)
+    return VideoViews(torch.stack(views).contiguous(), indices, offsets, flipped, source.num_frames, source.backend,
+                      boxes)
 
 
 @dataclass
@@ -80,10 +96,12 @@ class VideoItem:
 class VideoViewsDataset(Dataset):
     """Videos `(row, key, path or None, problem)` -> VideoItem; never raises for a bad video."""
 
-    def __init__(self, videos: list[tuple[int, str, Path | None, str | None]], settings: ViewSettings, seed: int):
+    def __init__(self, videos: list[tuple[int, str, Path | None, str | None]], settings: ViewSettings, seed: int,
+                 person: PersonCropper | None = None):
         self.videos = videos
         self.settings = settings
         self.seed = seed
+        self.person = person
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -93,7 +111,7 @@ class VideoViewsDataset(Dataset):
         if path is None:
             return VideoItem(row, None, problem or "no file")
         try:
-            return VideoItem(row, load_views(path, self.settings, video_rng(self.seed, key)), None)
+            return VideoItem(row, load_views(path, self.settings, video_rng(self.seed, key), person=self.person), None)
         except VideoReadError as error:
             return VideoItem(row, None, str(error))
         except Exception as error:  # a decoder bug on one file must not end a run over thousands
