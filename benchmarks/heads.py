@@ -12,6 +12,11 @@ Run `python benchmarks/heads.py [--quick]`; `run()` returns the measurements. Se
                   tower (random weights) in the loop on 8 random 224x224 frames per video (no decoding). The
                   tower frozen (eval mode, no gradient: what training the heads without a cache would cost),
                   and trainable as the finetune stage's defaults have it (whole tower, activation checkpointing)
+    text_tower    episodes/s of a head that runs the CLIP text tower inside its step (MCDP-FSAR: its learned
+                  context through the frozen text tower of RN50 / ViT-B/16, random weights, class prompts standing
+                  in for descriptions) against heads on the cache's fixed text features (CLIP-FSAR, CLIP-SPM), on
+                  the same random features, 5-way 1-shot, shipped configs; train and eval as in `episodes`, with
+                  TEXT_TOWER_STEP episodes per optimiser step (fewer on a CPU, where a step at full size takes minutes)
     otam          benchmarks/otam.py: vectorised OTAM against the cell-by-cell recursion, forward + backward
     stage         wall time of train.episodes training episodes (with validation every train.val_every) and
                   eval.episodes test episodes at C=1024, extrapolated from the episodes/s of `episodes`
@@ -38,7 +43,8 @@ from benchmarks.otam import run as run_otam
 from clipspm.config import load_config, resolve_config
 from clipspm.pipeline.encoder import load_clip
 from clipspm.pipeline.episode import episode_step, metric_values
-from clipspm.pipeline.methods import build_head
+from clipspm.pipeline.methods import HeadInputs, build_head
+from clipspm.pipeline.text_tower import TextTower
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
 from clipspm.stages.cuda_graph import GraphedStep
 from clipspm.stages.episodes import EpisodeSampler, build_episode, step_generator
@@ -54,13 +60,16 @@ SHOTS = (1, 5)
 CLASSES = {"train": 64, "test": 24}      # the few-shot Kinetics-100 split
 VIDEOS_PER_CLASS = 30
 TOWER = "RN50"
-SECTIONS = ("episodes", "tower", "otam", "stage")
+SECTIONS = ("episodes", "tower", "text_tower", "otam", "stage")
 # Work per timed call: a few hundred episodes on a GPU; on a CPU, where one training step at C=1024 takes
 # seconds, one step and one eval batch.
 TRAIN_STEPS = {"cpu": 1, "cuda": 25}
 EVAL_EPISODES = {"cpu": 250, "cuda": 2000}
 CACHE_EPISODES = {"cpu": 5, "cuda": 50}
 WARM_UP_EPISODES = 25
+TEXT_METHODS = ("clipfsar", "clipspm", "mcdp")
+TEXT_TOWER_STEP = {"cpu": 2, "cuda": 16}          # episodes per optimiser step in the text_tower section
+TEXT_TOWER_EVAL = {"cpu": 10, "cuda": 1000}       # eval episodes per timed call there
 
 
 def run(sections: tuple[str, ...] = SECTIONS, rounds: int = 3, tower_rounds: int = 2,
@@ -74,6 +83,8 @@ def run(sections: tuple[str, ...] = SECTIONS, rounds: int = 3, tower_rounds: int
         result["episodes"] = _episodes_per_second(device, rounds)
     if "tower" in sections:
         result["tower"] = _cache_against_tower(device, tower_rounds)
+    if "text_tower" in sections:
+        result["text_tower"] = _text_tower_in_the_loop(device, rounds)
     if "otam" in sections:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # as benchmarks/otam.py does: small tensors, one thread measures the method
@@ -120,16 +131,17 @@ def _episodes_per_second(device: torch.device, rounds: int) -> list[dict]:
             for backbone, width, shots in labels]
 
 
-def train_rate(cfg: DictConfig, data: RunData, device: torch.device) -> Callable[[], float]:
+def train_rate(cfg: DictConfig, data: RunData, device: torch.device, inputs: HeadInputs | None = None
+               ) -> Callable[[], float]:
     """Episodes/s of the heads trainer's optimiser step (clipspm/stages/heads.py), as its loop calls it."""
-    step, _ = trainer_steps(cfg, data, device)
+    step, _ = trainer_steps(cfg, data, device, inputs=inputs)
     step()  # first-call costs: allocations, kernel choices
     return lambda: cfg.train.episodes_per_step / seconds_per_call(step, TRAIN_STEPS[device.type], device)
 
 
 def trainer_steps(cfg: DictConfig, data: RunData, device: torch.device, *, graph: bool = False,
-                  capturable: bool | None = None, compile: str | None = None, seed: int | None = None
-                  ) -> tuple[Callable[[], dict[str, float]], torch.nn.Module]:
+                  capturable: bool | None = None, compile: str | None = None, seed: int | None = None,
+                  inputs: HeadInputs | None = None) -> tuple[Callable[[], dict[str, float]], torch.nn.Module]:
     """The heads trainer's loop body from step 0 as a call: draw the step's episodes, take the optimiser step
     (`training_step`; with `graph` replayed from a CUDA graph on CUDA as train.cuda_graph does, with `compile` the
     heads under torch.compile with that backend), read the metrics back. Also returns the head being trained."""
@@ -137,7 +149,7 @@ def trainer_steps(cfg: DictConfig, data: RunData, device: torch.device, *, graph
     seed = t.seed if seed is None else seed
     graphed = graph and device.type == "cuda"
     torch.manual_seed(seed)
-    head = build_head(cfg.model, cfg.loss, data.features.shape[-1]).to(device)
+    head = build_head(cfg.model, cfg.loss, data.features.shape[-1], inputs).to(device)
     optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
                                  weight_decay=t.weight_decay, capturable=graphed if capturable is None else capturable)
     forward = torch.compile(head, backend=compile) if compile else head
@@ -158,12 +170,12 @@ def trainer_steps(cfg: DictConfig, data: RunData, device: torch.device, *, graph
     return drive, head
 
 
-def eval_rate(cfg: DictConfig, data: RunData, device: torch.device, episodes: int | None = None
-              ) -> Callable[[], float]:
+def eval_rate(cfg: DictConfig, data: RunData, device: torch.device, episodes: int | None = None,
+              inputs: HeadInputs | None = None) -> Callable[[], float]:
     """Episodes/s of `evaluate_episodes` on episodes drawn like the stored test episodes (`episodes` of them per
     call; default: EVAL_EPISODES of the device type)."""
     t = cfg.train
-    head = build_head(cfg.model, cfg.loss, data.features.shape[-1]).to(device)
+    head = build_head(cfg.model, cfg.loss, data.features.shape[-1], inputs).to(device)
     index = EpisodeSampler(data.labels.cpu(), t.ways, t.shots, cfg.eval.queries).sample(
         episodes or EVAL_EPISODES[device.type], torch.Generator().manual_seed(cfg.eval.seed))
     evaluate_episodes(head, index.slice(0, WARM_UP_EPISODES), data, batch=cfg.eval.batch)  # first-call costs
@@ -225,6 +237,31 @@ def _cache_against_tower(device: torch.device, rounds: int) -> list[dict]:
             for name, values in seconds.items()]
 
 
+# ---- the text tower in the training step against fixed text features
+
+def _text_tower_in_the_loop(device: torch.device, rounds: int) -> list[dict]:
+    per_step, eval_episodes = TEXT_TOWER_STEP[device.type], TEXT_TOWER_EVAL[device.type]
+    class_texts = tuple(f"doing action number {i}" for i in range(max(CLASSES.values())))
+    candidates, labels = {}, []
+    for backbone, width in WIDTHS.items():
+        clip = load_clip(backbone.replace("/", "-"), "none", device)     # open_clip spells it ViT-B-16
+        inputs = HeadInputs(text_tower=TextTower(clip.model, clip.name), class_texts=class_texts)
+        train = _random_split(CLASSES["train"], width, 1 + EXTRACT.train_views, device)
+        test = _random_split(CLASSES["test"], width, 1, device)
+        for kind in TEXT_METHODS:
+            cfg = resolve_config("heads", "synthetic", overrides=[f"model.kind={kind}", "train.shots=1",
+                                                                  f"train.episodes_per_step={per_step}"])
+            candidates[(backbone, kind, "train")] = train_rate(cfg, train, device, inputs)
+            candidates[(backbone, kind, "eval")] = eval_rate(cfg, test, device, eval_episodes, inputs)
+            labels.append((backbone, width, kind))
+    best = {key: max(rates) for key, rates in interleaved(candidates, rounds).items()}
+    return [{"backbone": backbone, "C": width, "method": kind,
+             "text tower in the step": "yes" if kind == "mcdp" else "no",
+             f"train episodes/s (E={per_step})": round(best[(backbone, kind, "train")], 2),
+             "eval episodes/s": round(best[(backbone, kind, "eval")], 1)}
+            for backbone, width, kind in labels]
+
+
 # ---- extrapolated stage wall time
 
 def _stage_time(episodes: list[dict]) -> list[dict]:
@@ -268,6 +305,8 @@ def main() -> None:
         "tower": f"One {t.ways}-way 1-shot {t.queries}-query training episode, heads forward+backward, "
                  f"C={WIDTHS[TOWER]}: from cached features or with the visual tower in the loop, "
                  f"{result['device']}, best of {args.tower_rounds}",
+        "text_tower": f"Heads with the CLIP text tower in the step (mcdp) against fixed text features, {t.ways}-way "
+                      f"1-shot, episodes/s (train: {t.queries} queries; eval: {e.queries} query), {where}",
         "otam": f"OTAM forward+backward, ms per call, T=8, 20 queries x 5 prototypes per episode, {where}",
         "stage": f"Heads stage wall time, extrapolated from the episodes/s above, {result['device']}",
     }

@@ -190,6 +190,11 @@ def cache_info(
                        ("sampling", meta["sampling"]), ("crop", json.dumps(meta["crop"])),
                        ("created", meta["created"]), ("clipspm", meta["clipspm_version"])]:
         table.add_row(key, str(value))
+    if "person_crop" in meta["settings"]:
+        person = meta["settings"]["person_crop"]
+        table.add_row("person crops", f"{person['detector']} (sha256 {person['detector_sha256'][:12]}), score >= "
+                                      f"{person['score']}, {person['tries']} tries per segment, "
+                                      f"{person['width']}x{person['height']}")
     console.print(table)
     splits = Table("split", "videos", "done", "failed", "pending", "classes")
     for name, counts in info["splits"].items():

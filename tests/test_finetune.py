@@ -127,6 +127,31 @@ def test_visual_weights_change_and_text_weights_do_not(video_root, cache_dir, tm
     load_clip(VIT, "none", weights=run / "checkpoints" / "best" / "visual.safetensors")  # strict: same keys
 
 
+def test_a_head_with_the_text_tower_in_its_step_fine_tunes_and_evaluates(video_root, cache_dir, tmp_path,
+                                                                        monkeypatch):
+    # MCDP-FSAR runs the cache model's text tower inside the step: fine-tuning hands it the tower of the
+    # model it trains (no second copy), the tower stays frozen, and evaluation on the tuned test cache takes
+    # the tower of the cache the run trained from.
+    used = []
+
+    def keep(*args):
+        used.append(original(*args))
+        return used[-1]
+
+    original = finetune.cached_clip
+    monkeypatch.setattr(finetune, "cached_clip", keep)
+    run = tmp_path / "mcdp"
+    train_finetune(config(video_root, cache_dir, VIT, "model.kind=mcdp", "model.num_heads=4", "model.mlp_hidden=32",
+                          "model.prompt_hidden=16"), run, progress=False)
+    fresh = load_clip(VIT, "none", seed=0).model.state_dict()
+    text = {key: value for key, value in used[0].model.state_dict().items() if not key.startswith("visual.")}
+    assert all(torch.equal(value, fresh[key]) for key, value in text.items())
+    heads = saved(run, "heads")
+    assert "context" in heads and not any(key.startswith("tower") for key in heads)
+    result = evaluate_run(run, episodes=10, progress=False, device="cpu")
+    assert 0 <= result.accuracy <= 1 and not result.label_leak
+
+
 def test_batchnorm_running_stats_unchanged(video_root, cache_dir, tmp_path):
     run = tmp_path / "run"
     train_finetune(config(video_root, cache_dir, RN), run, progress=False)

@@ -363,13 +363,13 @@ def load_text_tower(cfg: DictConfig, cache: FeatureCache, device: torch.device) 
     """The text tower of the model `cache` was extracted with, its weights checked against the cache's
     provenance. A cache of a fine-tuned visual tower (a finetune run's test cache) is checked against the
     cache the run trained from: tuning leaves the text tower as it was."""
-    source = cache
-    if cache.meta["settings"].get("tuned_weights_sha256"):
-        source = FeatureCache(find_store(Path(cfg.data.cache)))
-        if (source.meta["model"], source.meta["pretrained"]) != (cache.meta["model"], cache.meta["pretrained"]):
+    if not cache.meta["settings"].get("tuned_weights_sha256"):
+        return TextTower(clip_of_cache(cache, device).model, cache.meta["model"])
+    with FeatureCache(find_store(Path(cfg.data.cache))) as trained:
+        if (trained.meta["model"], trained.meta["pretrained"]) != (cache.meta["model"], cache.meta["pretrained"]):
             raise CacheError(f"cache {cache.store_path.parent} was encoded by a tuned {cache.meta['model']} tower, "
-                             f"but the run trained from {source.meta['model']} {source.meta['pretrained']}")
-    return TextTower(clip_of_cache(source, device).model, cache.meta["model"])
+                             f"but the run trained from {trained.meta['model']} {trained.meta['pretrained']}")
+        return TextTower(clip_of_cache(trained, device).model, cache.meta["model"])
 
 
 def clip_of_cache(cache: FeatureCache, device: torch.device) -> ClipModel:
@@ -389,6 +389,8 @@ def description_features(cfg: DictConfig, video_ids: list[str], inputs: HeadInpu
     path = cfg.data.get("descriptions")
     if not path:
         return None
+    if not Path(path).is_file():
+        raise ClipspmError(f"data.descriptions {path} is not a file (the run was trained with it); restore it")
     recorded, digest = cfg.data.get("descriptions_sha256"), file_sha256(Path(path))
     if recorded and recorded != digest:
         raise ClipspmError(f"data.descriptions {path} changed since the run was trained (sha256 {digest[:12]}, "
