@@ -246,8 +246,8 @@ def _text_tower_in_the_loop(device: torch.device, rounds: int) -> list[dict]:
     for backbone, width in WIDTHS.items():
         clip = load_clip(backbone.replace("/", "-"), "none", device)     # open_clip spells it ViT-B-16
         inputs = HeadInputs(text_tower=TextTower(clip.model, clip.name), class_texts=class_texts)
-        train = _random_split(CLASSES["train"], width, 1 + EXTRACT.train_views, device)
-        test = _random_split(CLASSES["test"], width, 1, device)
+        train = random_split(CLASSES["train"], width, 1 + EXTRACT.train_views, device)
+        test = random_split(CLASSES["test"], width, 1, device)
         for kind in TEXT_METHODS:
             cfg = resolve_config("heads", "synthetic", overrides=[f"model.kind={kind}", "train.shots=1",
                                                                   f"train.episodes_per_step={per_step}"])

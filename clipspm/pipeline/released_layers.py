@@ -1,7 +1,7 @@
 """Layers as the released code of the CLIP-FSAR family writes them (CLIP-FSAR `models/base/few_shot.py`;
 CLIP-MEI, CLIP-CPM2C, CLIP-SPM `models/myRes.py`: the same `Transformer_v1`, `FeedForward`, `cos_sim`),
-for the heads that reproduce that code (`methods/clipfsar.py`, `sten.py`, `cpm2c.py`, `clipmei.py`, and
-the official profile of `clipspm.py`).
+for the heads that reproduce that code (`methods/clipfsar.py`, `sten.py`, `cpm2c.py`, `clipmei.py`, `mcdp.py`,
+and the official profile of `clipspm.py`).
 
 They differ from the paper-reading modules of this package (`semantic_fusion`, `hsmr`) in ways that
 move results by more than 1e-5: cosine with +0.01 in the denominator, one LayerNorm shared by q, k
@@ -10,11 +10,13 @@ and v, an MLP without a norm in front, two convolutions without a nonlinearity b
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from clipspm.errors import ClipspmError
+from clipspm.pipeline.episode import Episode
 from clipspm.pipeline.otam import frame_distances, otam_distance
 
 COSINE_EPSILON = 0.01   # their cos_sim: x·y / (|x| |y| + 0.01), an offset rather than a clamp
@@ -33,6 +35,17 @@ def released_otam_distance(query: Tensor, protos: Tensor, lam: float = 0.5, bidi
     (the anchor of CLIP-MEI) broadcasts over the queries or the other way round.
     """
     return otam_distance(query, protos, lam, bidirectional, cosine_eps=COSINE_EPSILON)
+
+
+def released_video_text_loss(episode: Episode, scale: Tensor) -> Tensor:
+    """CLIP-FSAR's video-text loss (its `class_logits`): the time-averaged frames of every support and query,
+    before any head, against all base-class texts, logits = scale * their cosine; cross-entropy averaged
+    over the E episodes' videos. -> scalar."""
+    videos = reduce(torch.cat([episode.support, episode.query], 1), "e v t c -> e v c", "mean")
+    labels = torch.cat([repeat(episode.class_ids, "e n -> e (n k)", k=episode.shots),
+                        torch.gather(episode.class_ids, 1, episode.query_labels)], 1)    # [E, V] base-text rows
+    logits = released_cosine(videos, episode.base_text) * scale                           # [E, V, B]
+    return F.cross_entropy(rearrange(logits, "e v b -> (e v) b"), labels.flatten())
 
 
 def consistency_distance(a: Tensor, b: Tensor) -> Tensor:

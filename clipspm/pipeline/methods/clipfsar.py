@@ -11,14 +11,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, reduce, repeat
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods.registry import Method, register_method
-from clipspm.pipeline.released_layers import ReleasedTransformer, released_cosine, released_otam_distance
+from clipspm.pipeline.released_layers import ReleasedTransformer, released_otam_distance, released_video_text_loss
 from clipspm.schema import LossOptions, ModelOptions
 
 
@@ -65,15 +63,8 @@ class CLIPFSARHead(nn.Module):
         logits = -released_otam_distance(query, protos, self.otam_lambda, self.bidirectional)
         aux = {}
         if self.training and episode.base_text is not None:
-            aux["video_text"] = self._video_text_loss(episode)
+            aux["video_text"] = released_video_text_loss(episode, self.text_scale)
         return HeadOutput(logits=logits, aux=aux, query_features=query)
-
-    def _video_text_loss(self, episode: Episode) -> Tensor:
-        videos = reduce(torch.cat([episode.support, episode.query], 1), "e v t c -> e v c", "mean")
-        labels = torch.cat([repeat(episode.class_ids, "e n -> e (n k)", k=episode.shots),
-                            torch.gather(episode.class_ids, 1, episode.query_labels)], 1)    # [E, V] base-text rows
-        logits = released_cosine(videos, episode.base_text) * self.text_scale                 # [E, V, B]
-        return F.cross_entropy(rearrange(logits, "e v b -> (e v) b"), labels.flatten())
 
 
 register_method(Method(

@@ -30,11 +30,16 @@ from torch import Tensor, nn
 from clipspm.errors import ClipspmError
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods.registry import HeadInputs, Method, register_method
-from clipspm.pipeline.otam import otam_cumulative
+from clipspm.pipeline.otam import frame_distances, otam_cumulative
+from clipspm.pipeline.released_layers import (
+    COSINE_EPSILON,
+    ReleasedTransformer,
+    released_otam_distance,
+    released_video_text_loss,
+)
 from clipspm.schema import LossOptions, ModelOptions
 
 CONTEXT_WORD = "X"        # the released prompt prefix: one "X" per context token (random init, no CTX_INIT)
-COSINE_EPSILON = 0.01     # `cos_sim` of the CLIP-FSAR code family adds this to |x||y| (models/base/few_shot.py)
 
 
 class MCDPOptions(ModelOptions):
@@ -72,41 +77,6 @@ class MCDPLoss(LossOptions):
     video_text: float = Field(1.0, ge=0, description="weight of the video-text loss: time-averaged CLIP frames "
                                                      "classified against every base-class text (released: per "
                                                      "dataset, configs/methods/mcdp.yaml)")
-
-
-def released_cosine(x: Tensor, y: Tensor) -> Tensor:
-    """Cosine of every row of x with every row of y as the CLIP-FSAR code family computes it:
-    x·y / (|x||y| + 0.01). [..., A, C], [..., B, C] -> [..., A, B]; leading dims broadcast."""
-    norms = x.norm(dim=-1).unsqueeze(-1) * y.norm(dim=-1).unsqueeze(-2)
-    return x @ y.transpose(-1, -2) / (norms + COSINE_EPSILON)
-
-
-class ReleasedTransformer(nn.Module):
-    """CLIP-FSAR's one-layer transformer (`Transformer_v1`, depth 1): x + attention(LayerNorm(x)), then
-    x + MLP(x) with no norm before the MLP; q/k/v without bias, no attention-weight dropout.
-    [B, L, C] -> [B, L, C]."""
-
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, attention_dropout: float, mlp_dropout: float):
-        super().__init__()
-        head_dim = dim // heads
-        if head_dim == 0:
-            raise ClipspmError(f"model.num_heads={heads} exceeds the feature width C={dim}; choose at most {dim}")
-        self.heads, inner = heads, heads * head_dim
-        self.norm = nn.LayerNorm(dim)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
-        # A single head as wide as C has no output projection in the released code.
-        self.out = (nn.Identity() if heads == 1 else
-                    nn.Sequential(nn.Linear(inner, dim), nn.Dropout(attention_dropout)))
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Dropout(mlp_dropout),
-                                 nn.Linear(mlp_hidden, dim), nn.Dropout(mlp_dropout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.norm(x)
-        q, k, v = (rearrange(project(tokens), "b l (h d) -> b h l d", h=self.heads)
-                   for project in (self.to_q, self.to_k, self.to_v))
-        attended = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(d)) v
-        x = x + self.out(rearrange(attended, "b h l d -> b l (h d)"))
-        return x + self.mlp(x)
 
 
 class ContextShift(nn.Module):
@@ -198,18 +168,18 @@ class MCDPHead(nn.Module):
             context = self.context_token(query.flatten(0, 1), text.flatten(0, 1), rows)      # [E*NM, 1, C]
             tokens = torch.cat([query, context.unflatten(0, (e, nm))], 2)                    # [E, NM, T+1, C]
             compared = self.transformer(tokens.flatten(0, 1))[:, :t].unflatten(0, (e, nm))  # [E, NM, T, C]
-            distances = self.otam(rearrange(compared, "e q t c -> e q 1 t c"), rearrange(protos, "e n t c -> e 1 n t c"))
+            distances = released_otam_distance(compared, protos, self.otam_lambda, self.bidirectional)
             query_features = compared
         else:                                            # every class of the episode, the query's label unread
             context = self.query_contexts(episode)                                           # [E, NM, N, C]
             frames = repeat(query, "e q t c -> e q n t c", n=n)
             tokens = torch.cat([frames, rearrange(context, "e q n c -> e q n 1 c")], 3)     # [E, NM, N, T+1, C]
             compared = self.transformer(tokens.flatten(0, 2))[:, :t].unflatten(0, (e, nm, n))
-            distances = self.otam(compared, rearrange(protos, "e n t c -> e 1 n t c"))      # query q as class n
+            distances = self.paired_otam(compared, rearrange(protos, "e n t c -> e 1 n t c"))   # q as class n
             query_features = None                        # a query is seen once per class: no single map
         aux = {}
         if self.training and episode.base_text is not None:
-            aux["video_text"] = self.video_text_loss(episode)
+            aux["video_text"] = released_video_text_loss(episode, self.text_scale)
         return HeadOutput(logits=-distances, aux=aux, query_features=query_features)
 
     def context_token(self, frames: Tensor, text: Tensor, rows: Tensor) -> Tensor:
@@ -248,21 +218,14 @@ class MCDPHead(nn.Module):
             return self.transformer(merged)[:, :t].unflatten(0, (e, -1))
         return class_prototypes(self.transformer(tokens.flatten(0, 1))[:, :t].unflatten(0, (e, -1)), shots)
 
-    def otam(self, query: Tensor, protos: Tensor) -> Tensor:
-        """query [..., T, C], prototypes [..., T, C] (broadcasting) -> OTAM distance [...]."""
-        dists = 1 - released_cosine(query, protos)                                           # [..., T, T]
+    def paired_otam(self, query: Tensor, protos: Tensor) -> Tensor:
+        """OTAM on 1 - released_cosine of query [..., T, C] with prototype [..., T, C], pair by pair
+        (broadcasting) where released_otam_distance takes every query with every prototype. -> [...]."""
+        dists = frame_distances(query, protos, COSINE_EPSILON)                               # [..., T, T]
         distance = otam_cumulative(dists, self.otam_lambda)
         if self.bidirectional:
             distance = distance + otam_cumulative(dists.transpose(-1, -2), self.otam_lambda)
         return distance
-
-    def video_text_loss(self, episode: Episode) -> Tensor:
-        """CLIP-FSAR's loss: time-averaged CLIP frames of supports and queries against all base-class texts."""
-        videos = reduce(torch.cat([episode.support, episode.query], 1), "e v t c -> e v c", "mean")
-        labels = torch.cat([repeat(episode.class_ids, "e n -> e (n k)", k=episode.shots),
-                            torch.gather(episode.class_ids, 1, episode.query_labels)], 1)    # [E, V] base-text rows
-        logits = released_cosine(videos, episode.base_text) * self.text_scale                 # [E, V, B]
-        return F.cross_entropy(rearrange(logits, "e v b -> (e v) b"), labels.flatten())
 
 
 register_method(Method(
