@@ -277,6 +277,16 @@ def test_descriptions_must_cover_every_video_and_suit_the_method(synthetic_cache
     assert other.returncode == 2 and "reads no per-video text" in " ".join(other.stderr.split())
 
 
+def test_the_baselines_suite_has_an_mcdp_row_with_the_released_hmdb51_loss():
+    from clipspm.experiments.suites import load_suite
+
+    suite = load_suite("baselines")
+    row = next(variant for variant in suite.variants if variant.name == "mcdp")
+    cfg = resolve_config("heads", "hmdb51", overrides=list(row.overrides))
+    assert cfg.model.kind == "mcdp" and cfg.model.query_prompt == "all_classes" and cfg.loss.video_text == 1.2
+    assert cfg.model.num_templates == 1
+
+
 def test_clipspm_methods_lists_mcdp_with_the_text_tower(tmp_path):
     listed = run_cli("methods", cwd=tmp_path, env={"COLUMNS": "500"})    # one line per field
     assert listed.returncode == 0, listed.stderr[-2000:]
