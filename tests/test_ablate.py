@@ -126,11 +126,13 @@ def test_the_comparison_table_takes_each_methods_row_of_tables_1_and_2():
 
 
 def test_the_baselines_suite_trains_and_scores_every_method_from_one_cache(synthetic_cache, tmp_path):
-    """Every registered method that runs from a feature cache is a row; each is scored on the same episodes."""
+    """Every registered method that runs from a feature cache (with what the stages load beside it) is a row;
+    each is scored on the same episodes."""
     from clipspm.pipeline.methods import methods
+    from clipspm.pipeline.methods.registry import STAGE_INPUTS
 
     suite = load_suite("baselines")
-    from_cache = {name for name, m in methods().items() if not m.missing_inputs}
+    from_cache = {name for name, m in methods().items() if not m.missing_inputs(set(STAGE_INPUTS))}
     assert {variant.name for variant in suite.variants} == from_cache
     result, _ = run_quietly(suite_options(synthetic_cache, tmp_path / "runs", "baselines", shots=(1,)))
     assert not result.report.missing

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from clipspm.pipeline.episode import Episode
-from clipspm.pipeline.methods import build_head
+from clipspm.pipeline.methods import HeadInputs, build_head
 
 FEATURES = "features"   # the name of the episode's features among what trains (finetune: the tower's output)
 
@@ -82,17 +82,19 @@ def graph_leaves(output: torch.Tensor) -> set[int]:
     return leaves
 
 
-def config_reach(cfg: DictConfig, *, dim: int, frames: int, stage: str) -> LogitReach:
-    """`logit_reach` of the head a resolved run config builds, on a random test-shaped episode
-    (N = train.ways, K = train.shots, M = eval.queries, T = `frames`, C = `dim`)."""
+def config_reach(cfg: DictConfig, *, dim: int, frames: int, stage: str, inputs: HeadInputs | None = None
+                 ) -> LogitReach:
+    """`logit_reach` of the head a resolved run config builds (with the stage's `inputs`, for a method that
+    needs them), on a random test-shaped episode (N = train.ways, K = train.shots, M = eval.queries,
+    T = `frames`, C = `dim`; the episode's classes are the first N class rows)."""
     generator = torch.Generator().manual_seed(0)
     ways, shots, queries = cfg.train.ways, cfg.train.shots, cfg.eval.queries
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)   # the head's initial weights; the caller's random state is left as it was
-        head = build_head(cfg.model, cfg.loss, dim)
+        head = build_head(cfg.model, cfg.loss, dim, inputs)
     episode = Episode(support=torch.randn(1, ways * shots, frames, dim, generator=generator),
                       query=torch.randn(1, ways * queries, frames, dim, generator=generator),
                       query_labels=torch.arange(ways).repeat_interleave(queries)[None],
                       class_text=torch.randn(1, ways, dim, generator=generator),
-                      class_ids=torch.arange(ways)[None], shots=shots)
+                      class_ids=torch.arange(ways)[None], class_rows=torch.arange(ways)[None], shots=shots)
     return logit_reach(head, episode, features_trained=stage == "finetune")

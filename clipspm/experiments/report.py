@@ -30,9 +30,10 @@ from clipspm.config import CONFIG_DIR
 from clipspm.experiments import figures
 from clipspm.experiments.reach import LogitReach, config_reach
 from clipspm.experiments.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of, variant_config
+from clipspm.pipeline.methods import get_method
 from clipspm.stages.episodes import EpisodeIndex, build_episode
 from clipspm.stages.evaluate import compare_runs, finished_result, open_test_run
-from clipspm.stages.runs import metrics_path, selection_key
+from clipspm.stages.runs import head_inputs, metrics_path, selection_key
 from clipspm.system import make_console
 
 PAPER_RESULTS = CONFIG_DIR / "paper_results.yaml"
@@ -138,8 +139,14 @@ def collect_cells(suite_dir: Path, suite: Suite, settings: SuiteSettings) -> tup
 
 
 def variant_reach(settings: SuiteSettings, variant: Variant, shots: int, *, dim: int, frames: int) -> LogitReach:
-    """What of a variant's training reaches its logits, in the suite's stage (features of width `dim`, `frames`)."""
-    return config_reach(variant_config(settings, variant, shots), dim=dim, frames=frames, stage=settings.stage)
+    """What of a variant's training reaches its logits, in the suite's stage (features of width `dim`, `frames`).
+    A method that needs what the stages load beside the cache (a text tower) gets it from the suite's cache."""
+    cfg = variant_config(settings, variant, shots)
+    inputs = None
+    if get_method(cfg.model.kind).stage_inputs:
+        with FeatureCache(find_store(Path(settings.cache))) as cache:
+            inputs = head_inputs(cfg, cache, torch.device("cpu"))
+    return config_reach(cfg, dim=dim, frames=frames, stage=settings.stage, inputs=inputs)
 
 
 def _scored(run_dir: Path, settings: SuiteSettings) -> dict | None:
