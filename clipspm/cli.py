@@ -85,6 +85,15 @@ def extract(
     num_frames: Annotated[Optional[int], typer.Option(help="T: TSN segments (frames) per video.")] = None,
     train_views: Annotated[Optional[int], typer.Option(
         help="V: augmented train views per video besides the centre-crop test view.")] = None,
+    normalize: Annotated[Optional[str], typer.Option(
+        help="clip (default): the weights' mean/std; none: pixels in [0, 1], as the released CLIP-SPM code feeds "
+             "its checkpoints.")] = None,
+    sampling: Annotated[Optional[str], typer.Option(
+        help="tsn (default): the middle / a random frame of T segments; released: the released CLIP-SPM loader's "
+             "int(linspace) frames.")] = None,
+    class_names: Annotated[Optional[str], typer.Option(
+        help="benchmark (default): each dataset's rule; released: the released CLIP-SPM configs' names "
+             "(hmdb51, ucf101, kinetics100, ssv2_small, ssv2_full).")] = None,
     seed: SeedOpt = 0,
     format: Annotated[str, typer.Option(help="Store format: zarr or hdf5.")] = "zarr",
     cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
@@ -126,7 +135,8 @@ def extract(
                              person_crop=person_crop, detector_weights=detector_weights)
     for name, value in [("num_frames", num_frames), ("train_views", train_views), ("batch_frames", batch_frames),
                         ("workers", workers), ("precision", precision), ("block", block),
-                        ("person_score", person_score), ("person_tries", person_tries)]:
+                        ("person_score", person_score), ("person_tries", person_tries), ("normalize", normalize),
+                        ("sampling", sampling), ("class_names", class_names)]:
         if value is not None:
             setattr(options, name, value)
     result = run_extract(options)
@@ -261,7 +271,8 @@ def train(
              "A cache of another dataset, backbone, T or width is refused.")] = None,
     cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
     init: Annotated[Optional[Path], typer.Option(
-        help="finetune: start the heads from this heads-stage run (same width).")] = None,
+        help="finetune: start from this run: a heads run's heads (same width), or a finetune or imported run's heads "
+             "and tower (its backbone, T and frame preparation are taken over).")] = None,
     select_on: SelectOnOpt = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file merged over the shipped defaults.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
@@ -381,6 +392,12 @@ def evaluate(
                                                  "chose test) or last.")] = "best",
     cache: Annotated[Optional[Path], typer.Option(
         help="Evaluate on this cache instead of the run's (it must fit the run's backbone, T and width).")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        help="Finetune or imported run: the dataset root whose test videos its tower encodes (default: the run's "
+             "data.root, else the root its training cache came from).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="Finetune or imported run: the weights under its tuned tower, whose text tower gives the class texts "
+             "(an imported run's default: openai; or a local file).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cpu. Default: CUDA when available.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -393,7 +410,8 @@ def evaluate(
     from clipspm.stages.evaluate import evaluate_run
 
     result = evaluate_run(run, episodes=episodes, queries=queries, checkpoint=checkpoint, cache_path=cache,
-                          device=device, progress=progress)
+                          device=device, progress=progress, root=root.resolve() if root else None,
+                          pretrained=_pretrained(pretrained))
     table = Table(title=str(run), show_header=False)
     table.add_row("accuracy", f"{100 * result.accuracy:.2f} ± {100 * result.ci95:.2f} % (95% CI)")
     table.add_row("protocol", f"{result.ways}-way {result.shots}-shot, {result.queries} "
@@ -419,6 +437,41 @@ def _selection_text(select_on: str) -> str:
         return ("[bold yellow]on the TEST split[/] (train.select_on=test, the released code's protocol): the best of "
                 "the validations on these test episodes, an optimistic number")
     return "on the val split"
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    source: Annotated[Path, typer.Argument(help="A checkpoint_*.pt of the released CLIP-SPM code (run/main_run.py).")],
+    backbone: Annotated[str, typer.Option(
+        help="Its tower: RN50 or ViT-B-16 (built as open_clip's OpenAI QuickGELU configs), or another open_clip "
+             "model.")],
+    out: Annotated[Path, typer.Option(help="The run directory to make; it must not exist yet.")],
+    method: Annotated[str, typer.Option(help="The released method; clipspm (hnlxy/CLIP-SPM).")] = "clipspm",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="The dataset it was trained on: its gate parameters and class names. Default: the released dataset "
+             "whose parameter set fits the gate widths, if only one does.")] = None,
+    shots: Annotated[Optional[int], typer.Option(help="K of the episodes it is scored on (train.shots).")] = None,
+    cache_dir: CacheDirOpt = DEFAULT_CACHE_DIR,
+) -> None:
+    """Turn a released CLIP-SPM checkpoint into a run: heads on the official profile, the tower on open_clip's.
+
+    The file is read without running pickled code (torch's weights-only unpickler: tensors, numbers, a Counter,
+    numpy scalars); its keys and shapes are checked against the official profile, the dataset's gate parameters
+    and the backbone before anything is written. Then `clipspm eval RUN --root DATA` scores it and
+    `clipspm train --stage finetune --init RUN` fine-tunes from it.
+    """
+    from clipspm.stages.import_checkpoint import ImportOptions, summary
+    from clipspm.stages.import_checkpoint import import_checkpoint as run_import
+
+    result = run_import(ImportOptions(source=source, out=out, backbone=backbone, method=method, dataset=dataset,
+                                      shots=shots, cache_dir=cache_dir))
+    table = Table(title="imported", show_header=False)
+    for key, value in summary(result).items():
+        table.add_row(key, value)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(f"next: clipspm eval {result.run_dir} --root DATA")
 
 
 @app.command()
@@ -570,6 +623,13 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _split_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _pretrained(value: str | None) -> str | None:
+    """A local weight file by its absolute path (the run may be scored from another directory); a tag as it is."""
+    if value is not None and Path(value).expanduser().is_file():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def _weights_file(path: Path | None) -> Path | None:

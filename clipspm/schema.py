@@ -37,6 +37,15 @@ class DataConfig(Section):
     num_frames: int | None = Field(None, ge=2, description="T of the cache; null: the extract default (8)")
     train_views: int | None = Field(None, ge=0, description="augmented views per video in the cache; null: the "
                                                             "extract default")
+    normalize: Literal["clip", "none"] | None = Field(
+        None, description="pixels into the tower: clip, the weights' mean/std | none, [0, 1] as the released "
+                          "CLIP-SPM code (its checkpoints); null: the extract default (clip)")
+    sampling: Literal["tsn", "released"] | None = Field(
+        None, description="frames of a video: tsn | released, int(linspace) as the released CLIP-SPM loader; null: "
+                          "the extract default (tsn)")
+    class_names: Literal["benchmark", "released"] | None = Field(
+        None, description="class texts in the prompts: benchmark, each dataset's rule | released, the released "
+                          "CLIP-SPM configs' lists; null: the extract default (benchmark)")
     seed: int = Field(0, ge=0, description="extraction seed (train views, synthetic data)")
     cache: str | None = Field(None, description="an explicit cache directory; null: the one these settings address "
                                                 "(extracted if missing)")
@@ -88,7 +97,8 @@ class EvalConfig(Section):
 
 
 class FinetuneConfig(Section):
-    init: str | None = Field(None, description="heads-stage run whose best heads start this one (`--init RUN_DIR`)")
+    init: str | None = Field(None, description="run whose best checkpoint starts this one (`--init RUN_DIR`): a heads "
+                                               "run's heads, or a finetune or imported run's heads and tower")
     unfreeze: Literal["all", "last"] = Field("all", description="all: the whole tower trains | last: only its last "
                                                                 "`blocks` blocks and what follows")
     blocks: int = Field(2, ge=1, description="with unfreeze=last: ViT resblocks (12 in ViT-B/16); ResNet layer1..4 + "

@@ -12,6 +12,11 @@ import json
 import re
 from pathlib import Path
 
+# Marks in the weights part of a cache's name where it uses the released CLIP-SPM preparation (extract.yaml
+# normalize, sampling, class_names), e.g. hmdb51-RN50-quickgelu-openai-unnormalized-relframes-relnames-tuned-T8-...
+PREPARED = {("normalize", "none"): "unnormalized", ("sampling", "released"): "relframes",
+            ("class_names", "released"): "relnames"}
+
 
 def settings_key(settings: dict) -> str:
     """Short stable hash of the content-defining settings."""
@@ -20,9 +25,11 @@ def settings_key(settings: dict) -> str:
 
 
 def cache_path(cache_root: Path, settings: dict) -> Path:
-    """`CACHE_ROOT/{dataset}-{model}-{weights}-T{T}-{key}`: readable, and unique per settings (`-person`
-    after the weights: frames cut around a person, extract --person-crop)."""
-    weights = settings["pretrained"] if settings["pretrained_kind"] == "tag" else settings["pretrained_kind"]
+    """`CACHE_ROOT/{dataset}-{model}-{weights}-T{T}-{key}`: readable, and unique per settings (after the
+    weights: `-unnormalized`, `-relframes`, `-relnames` for the released frame preparation, `-person` for
+    frames cut around a person, extract --person-crop)."""
+    marks = "".join(f"-{mark}" for (name, value), mark in PREPARED.items() if settings.get(name) == value)
+    weights = (settings["pretrained"] if settings["pretrained_kind"] == "tag" else settings["pretrained_kind"]) + marks
     if settings.get("tuned_weights_sha256"):
         weights += "-tuned"
     if settings.get("person_crop"):

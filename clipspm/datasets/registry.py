@@ -107,6 +107,16 @@ def _info(name: str) -> DatasetInfo:
     return DatasetInfo(name, spec.description, videos, classes)
 
 
+def shipped_classes(name: str) -> list[ClassEntry]:
+    """The classes of a benchmark with shipped split files, in dataset order, without looking for its videos."""
+    spec = SPECS[name]
+    if spec.split_folder is None:
+        raise DatasetError(f"{name} has no shipped split files; its classes depend on its root")
+    folder = SPLIT_ROOT / spec.split_folder
+    lines = [line for path in _split_files(folder).values() for line in read_split_file(path, _split_of(path))]
+    return [ClassEntry(key, _text_rule(spec, folder)(key), split) for key, split in class_keys(lines)]
+
+
 def load_dataset(name: str, root: str | Path | None = None, *, split_dir: str | Path | None = None,
                  splits: Sequence[str] = SPLITS, seed: int = 0) -> Dataset:
     """Classes and videos of a registered dataset, each video resolved to a file or frame folder under root.

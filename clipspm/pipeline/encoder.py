@@ -25,6 +25,9 @@ from clipspm.config import MODEL_CONFIG_DIR
 from clipspm.errors import ClipspmError, WeightsUnavailableError, damaged_file, reading
 
 HUB_HOST = "huggingface.co"
+# How pixels enter the tower: `clip`, the weights' own mean/std; `none`, plain [0, 1] as the released
+# CLIP-SPM loader feeds them (video_reader.py: ToTensor, no normalisation).
+NORMALIZATIONS = ("clip", "none")
 OPENAI_URL_CACHE = Path("~/.cache/clip").expanduser()
 
 
@@ -106,12 +109,15 @@ def feature_width(name: str) -> int | None:
 
 
 def load_clip(name: str, pretrained: str = "openai", device: str | torch.device = "cpu", *,
-              seed: int = 0, weights: str | Path | None = None) -> ClipModel:
+              seed: int = 0, weights: str | Path | None = None, normalize: str = "clip") -> ClipModel:
     """Build `name` with weights from a tag, a local file, or `none` (random init from `seed`).
 
     `weights` optionally names a safetensors file of visual-tower weights (a fine-tuned run) loaded
-    on top; it then takes part in the recorded weight hash.
+    on top; it then takes part in the recorded weight hash. `normalize` (NORMALIZATIONS): `none` feeds
+    the tower pixels in [0, 1] (mean 0, std 1).
     """
+    if normalize not in NORMALIZATIONS:
+        raise ClipspmError(f"normalize={normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
     register_model_configs()
     if name not in open_clip.list_models():
         raise ClipspmError(f"unknown open_clip model {name!r}; known names include RN50, ViT-B-16, "
@@ -157,10 +163,11 @@ def load_clip(name: str, pretrained: str = "openai", device: str | torch.device 
     model = model.to(device).eval().requires_grad_(False)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    plain = normalize == "none"
     return ClipModel(
         model=model, name=name, pretrained=resolved, pretrained_kind=kind, weight_sha256=digest, image_size=image_size,
-        mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+        mean=(0.0, 0.0, 0.0) if plain else tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=(1.0, 1.0, 1.0) if plain else tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
         feature_dim=feature_width(name),
         config_sha256=hashlib.sha256(json.dumps(open_clip.get_model_config(name), sort_keys=True).encode()).hexdigest(),
     )

@@ -97,10 +97,12 @@ class TestRun:
 
 
 def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path | None = None,
-                  device: str | None = None, progress: bool = True, console: Console | None = None) -> TestRun:
+                  device: str | None = None, progress: bool = True, console: Console | None = None,
+                  root: Path | None = None, pretrained: str | None = None) -> TestRun:
     """Load a run's checkpoint and its test split onto `device`: what scoring and the report's figures need.
 
-    A fine-tuned run is paired with a cache of the test split encoded by its tuned tower.
+    A fine-tuned or imported run is paired with a cache of the test split encoded by its tuned tower
+    (`tuned_test_cache`, which `root` and `pretrained` go to).
     """
     from clipspm.cache.store import FeatureCache, find_store
     from clipspm.pipeline.methods import build_head
@@ -114,7 +116,10 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
         raise ClipspmError(f"--checkpoint {checkpoint!r}: choose {' or '.join(CHECKPOINTS)}")
     if cfg.get("finetune") is not None and cache_path is None:
         cache_path = tuned_test_cache(run_dir, cfg, console=console or make_console(), checkpoint=checkpoint,
-                                      device=str(device), progress=progress)
+                                      device=str(device), progress=progress, root=root, pretrained=pretrained)
+    elif pretrained is not None:
+        raise ClipspmError(f"--pretrained names the weights under a tuned tower; {run_dir} is a heads run, scored on "
+                           f"the cache it was trained from")
     cache = FeatureCache(find_store(Path(cache_path or cfg.data.cache)))
     check_cache_fits(cache, cfg)
     cache.refuse(cache.check(read_blocks=False))   # the class arrays; load_run_data checks the test blocks it reads
@@ -128,11 +133,13 @@ def open_test_run(run_dir: Path, *, checkpoint: str = "best", cache_path: Path |
 @keeps_caller_threads
 def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | None = None,
                  checkpoint: str = "best", cache_path: Path | None = None, device: str | None = None,
-                 progress: bool = True, console: Console | None = None) -> EvalResult:
+                 progress: bool = True, console: Console | None = None, root: Path | None = None,
+                 pretrained: str | None = None) -> EvalResult:
     """Score a run's checkpoint on the stored test episodes; write results.json and per-episode accuracies.
 
     `episodes` and `queries` (None: the run's eval settings) must be at least 1. results.json names the cache
-    and the episodes file by absolute path, whichever stage made the run.
+    and the episodes file by absolute path, whichever stage made the run. `root` and `pretrained`: see
+    `tuned_test_cache`.
     """
     from clipspm.stages.runs import eval_episodes_file
     from clipspm.system import make_console
@@ -146,12 +153,14 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
     device = str(resolve_device(device))
     console.print(f"eval on {device}: {use_threads(device).describe()}")
     loaded = open_test_run(run_dir, checkpoint=checkpoint, cache_path=cache_path, device=device, progress=progress,
-                           console=console)
+                           console=console, root=root, pretrained=pretrained)
     cfg, cache, test, head = loaded.cfg, loaded.cache, loaded.test, loaded.head
     episodes = cfg.eval.episodes if episodes is None else episodes
     queries = cfg.eval.queries if queries is None else queries
-    tuned = cfg.get("finetune") is not None   # its test cache holds the same videos as the cache it trained from
-    file = eval_episodes_file(Path(cfg.data.cache) if tuned else cache.store_path.parent, cfg, episodes=episodes,
+    # A fine-tuned run's test cache holds the same videos as the cache it trained from, beside which its episodes
+    # are stored; an imported run trained from none of ours: beside its tuned test cache.
+    trained_on = cfg.data.cache if cfg.get("finetune") is not None else None
+    file = eval_episodes_file(Path(trained_on) if trained_on else cache.store_path.parent, cfg, episodes=episodes,
                               queries=queries)
     index, digest = fixed_episodes(file, test.labels, test.video_ids, ways=cfg.train.ways, shots=cfg.train.shots,
                                    queries=queries, episodes=episodes, seed=cfg.eval.seed)
@@ -175,25 +184,52 @@ def evaluate_run(run_dir: Path, *, episodes: int | None = None, queries: int | N
 
 
 def tuned_test_cache(run_dir: Path, cfg: DictConfig, *, console: Console, checkpoint: str = "best",
-                     device: str | None = None, progress: bool = True) -> Path:
+                     device: str | None = None, progress: bool = True, root: Path | None = None,
+                     pretrained: str | None = None) -> Path:
     """The cache of the test split encoded with the run's tuned tower: extracted once, then found again
-    by its address (the settings include the tuned weights' hash). Returns its directory."""
-    from clipspm.cache.store import FeatureCache, find_store
+    by its address (the settings include the tuned weights' hash). Returns its directory.
+
+    Everything but the tower is extracted as the tower's training saw it: for a finetune run, as the cache
+    it trained from (its provenance); for an imported run, which has no such cache, as its config says
+    (data.backbone, pretrained, num_frames, seed, normalize, sampling, class_names). `pretrained` replaces
+    the base weights under the tuned tower, whose text tower gives the class texts (a released checkpoint
+    holds no text tower: `openai` for OpenAI CLIP, or its local file); `root` the dataset root.
+    """
     from clipspm.stages.checkpoint import tuned_visual_weights
     from clipspm.stages.extract import ExtractOptions, extract
 
     weights = tuned_visual_weights(run_dir, checkpoint)
-    with FeatureCache(find_store(Path(cfg.data.cache))) as source:
-        meta = source.meta
+    source = tower_source(cfg)
+    if pretrained is not None:
+        source["pretrained"] = pretrained
+    if root is not None or cfg.data.root:
+        source["root"] = root or cfg.data.root
     console.print(f"test features of the tuned tower ({weights})")
     workers = thread_plan(resolve_device(device), cfg.finetune.workers).workers   # finetune's, within the cores
     result = extract(ExtractOptions(
-        dataset=cfg.data.dataset, root=cfg.data.root or meta["dataset_root"], split_dir=cfg.data.split_dir,
-        splits=("test",), backbone=meta["model"], pretrained=meta["pretrained"], weights=weights,
-        num_frames=meta["num_frames"], train_views=0, seed=meta["settings"]["seed"],
-        cache_root=Path(cfg.data.cache_dir), workers=workers,
-        device=device, progress=progress))
+        dataset=cfg.data.dataset, split_dir=cfg.data.split_dir, splits=("test",), weights=weights, train_views=0,
+        cache_root=Path(cfg.data.cache_dir), workers=workers, device=device, progress=progress, **source))
     return result.path
+
+
+def tower_source(cfg: DictConfig) -> dict:
+    """ExtractOptions fields (root, backbone, pretrained, num_frames, seed, normalize, sampling, class_names) of
+    the features a run's tower was trained on: from the provenance of the cache it trained from, or, for an
+    imported run (no data.cache), from its config."""
+    from clipspm.cache.store import FeatureCache, find_store
+    from clipspm.stages.extract import DEFAULTS, PREPARATION
+    from clipspm.stages.runs import backbone_of, prepared_settings
+
+    data = cfg.data
+    if data.cache:
+        with FeatureCache(find_store(Path(data.cache))) as cache:
+            meta = cache.meta
+        return {"root": meta["dataset_root"], "backbone": meta["model"], "pretrained": meta["pretrained"],
+                "num_frames": meta["num_frames"], "seed": meta["settings"]["seed"],
+                **prepared_settings(meta["settings"])}
+    return {"root": data.root, "backbone": backbone_of(cfg), "pretrained": data.pretrained,
+            "num_frames": data.num_frames or DEFAULTS.num_frames, "seed": data.seed,
+            **{name: data[name] or DEFAULTS[name] for name in PREPARATION}}
 
 
 def accuracy_file_name(episodes_sha256: str) -> str:

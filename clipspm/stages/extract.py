@@ -15,6 +15,9 @@ around the one person a detector finds in it; the detector and its weights' hash
 cache's settings (another address), the person boxes are stored beside the features. The detector
 runs where the frames are decoded: in the DataLoader workers on the CPU, or, on a GPU, in the main
 process on the GPU (decoding then happens there too).
+
+`normalize`, `sampling` and `class_names` choose between our preparation of frames and class names
+and the released CLIP-SPM code's (extract.yaml), which its checkpoints were trained with.
 """
 
 from __future__ import annotations
@@ -49,15 +52,24 @@ from clipspm.cache.store import (
 )
 from clipspm.config import load_config, prompt_templates
 from clipspm.datasets import Dataset, load_dataset
+from clipspm.datasets.class_names import with_class_names
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import ClipModel, file_sha256, load_clip, resolve_precision, state_dict_sha256
 from clipspm.stages import distributed
 from clipspm.system import keeps_caller_threads, make_console, use_threads
 from clipspm.video.person import PersonCropper, PersonCropSettings, build_detector
+from clipspm.video.sampling import SAMPLINGS
 from clipspm.video.views import VideoItem, VideoViewsDataset, ViewSettings, collate_items
 
 DEFAULTS = load_config("extract")
 SPLITS = ("train", "val", "test")
+PREPARATION = ("normalize", "sampling", "class_names")     # settings with ours as default and the released code's
+SAMPLING_TEXT = {
+    "tsn": "TSN: T equal segments; view 0 = middle frame of each segment, views 1..V = one uniformly random frame "
+           "per segment",
+    "released": "released CLIP-SPM (video_reader.py get_seq): int(linspace(start, end, T)); view 0 spans frames "
+                "1..n-2, views 1..V move start and end inwards by a random 0..min(5, (n-T)/2)",
+}
 
 
 @dataclass
@@ -73,6 +85,9 @@ class ExtractOptions:
     weights: Path | None = None          # fine-tuned visual-tower weights (safetensors) loaded on top
     num_frames: int = DEFAULTS.num_frames
     train_views: int = DEFAULTS.train_views
+    normalize: str = DEFAULTS.normalize       # clip | none: pixels in [0, 1], as the released CLIP-SPM loader
+    sampling: str = DEFAULTS.sampling         # tsn | released: the released loader's frames
+    class_names: str = DEFAULTS.class_names   # benchmark | released: the released configs' class names
     seed: int = DEFAULTS.seed
     format: str = DEFAULTS.format
     cache_root: Path = Path("caches")
@@ -129,6 +144,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
         raise ClipspmError(f"unknown cache format {options.format!r}: use zarr or hdf5")
     if options.num_frames < 1 or options.train_views < 0:
         raise ClipspmError("--num-frames must be at least 1 and --train-views at least 0")
+    if options.sampling not in SAMPLINGS:
+        raise ClipspmError(f"--sampling {options.sampling}: use one of {', '.join(SAMPLINGS)}")
     dist = distributed.setup(options.device)
     console = make_console(quiet=not dist.is_main)
     started = time.perf_counter()
@@ -145,7 +162,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
         options = replace(options, workers=0)
     dataset = _load_dataset_once(options, dist)
     clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,
-                     dist.device, seed=options.seed, weights=options.weights)
+                     dist.device, seed=options.seed, weights=options.weights, normalize=options.normalize)
     views = view_settings(options, dataset, clip)
     settings = content_settings(options, dataset, clip, views, person_settings)
     path = cache_path(options.cache_root, settings)
@@ -256,7 +273,7 @@ def view_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel) ->
     """How the views of every video are cut: T, V, the encoder's crop and the resize before it."""
     return ViewSettings(num_segments=options.num_frames, train_views=options.train_views,
                         shorter_side=round(clip.image_size * DEFAULTS.resize_ratio), crop=clip.image_size,
-                        hflip=dataset.hflip)
+                        hflip=dataset.hflip, sampling=options.sampling)
 
 
 def person_cropper(options: ExtractOptions, device: torch.device) -> tuple[PersonCropper | None, dict | None]:
@@ -319,7 +336,15 @@ def content_settings(options: ExtractOptions, dataset: Dataset, clip: ClipModel,
         "seed": options.seed,
         "templates": list(prompt_templates()),
         **({"person_crop": person} if person is not None else {}),
+        **preparation(options),
     }
+
+
+def preparation(options: ExtractOptions) -> dict:
+    """The settings of normalize, sampling and class_names that differ from extract.yaml's: only those enter
+    the settings, so that a cache made before these settings existed keeps its address."""
+    chosen = {name: getattr(options, name) for name in PREPARATION}
+    return {name: value for name, value in chosen.items() if value != DEFAULTS[name]}
 
 
 def text_features(clip: ClipModel, dataset: Dataset) -> np.ndarray:
@@ -334,7 +359,8 @@ def _load_dataset_once(options: ExtractOptions, dist: distributed.Distributed) -
     kwargs = dict(split_dir=options.split_dir, splits=options.splits, seed=options.seed)
     dataset = load_dataset(options.dataset, options.root, **kwargs) if dist.is_main else None
     dist.barrier()
-    return dataset if dataset is not None else load_dataset(options.dataset, options.root, **kwargs)
+    dataset = dataset if dataset is not None else load_dataset(options.dataset, options.root, **kwargs)
+    return with_class_names(dataset, options.class_names)
 
 
 def _create(working: Path, dataset: Dataset, clip: ClipModel, views: ViewSettings, settings: dict,
@@ -357,11 +383,11 @@ def _create(working: Path, dataset: Dataset, clip: ClipModel, views: ViewSetting
         "train_views": views.train_views,
         "feature_dim": clip.feature_dim,
         "features": "projected image embedding (encode_image), not L2-normalised, float16",
-        "sampling": "TSN: T equal segments; view 0 = middle frame of each segment, views 1..V = one uniformly "
-                    "random frame per segment",
+        "sampling": SAMPLING_TEXT[views.sampling],
         "crop": {"size": views.crop, "resize_shorter_side": views.shorter_side, "test_view": "center",
                  "train_views": "random crop" + (" + random horizontal flip" if views.hflip else ", no flip")},
-        "normalize": {"mean": list(clip.mean), "std": list(clip.std)},
+        "normalize": {"kind": options.normalize, "mean": list(clip.mean), "std": list(clip.std)},
+        "class_names": options.class_names,
         "templates": list(prompt_templates()),
         "split_hash": dataset.split_hash,
         "seed": options.seed,
@@ -418,6 +444,8 @@ def extract_args(options: ExtractOptions, dataset: Dataset) -> list[str]:
                  "--person-tries", str(options.person_tries)]
         if options.detector_weights is not None:
             args += ["--detector-weights", str(Path(options.detector_weights).resolve())]
+    for name, value in preparation(options).items():
+        args += [f"--{name.replace('_', '-')}", value]
     return args
 
 

@@ -44,9 +44,10 @@ from clipspm.pipeline.episode import StepResult, episode_step
 from clipspm.pipeline.methods import build_head
 from clipspm.pipeline.tower import enable_activation_checkpointing, train_mode, unfreeze
 from clipspm.stages import distributed
-from clipspm.stages.checkpoint import checkpoint_dir, load_checkpoint
+from clipspm.stages.checkpoint import VISUAL, checkpoint_dir, load_checkpoint
 from clipspm.stages.episodes import EpisodeIndex, EpisodeSampler, build_episode, step_generator
 from clipspm.stages.evaluate import evaluate_episodes
+from clipspm.stages.extract import PREPARATION
 from clipspm.stages.runs import (
     MetricsWindow,
     RunData,
@@ -61,6 +62,7 @@ from clipspm.stages.runs import (
     load_run_config,
     open_run_cache,
     prepare_run_dir,
+    prepared_settings,
     save_validation,
     selection_episodes,
     training_progress,
@@ -89,8 +91,9 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     console.print(f"finetune on {dist.device}: {threads.describe()}")
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    init_tower = False   # whether --init starts the tower too (a finetune or imported run), not only the heads
     if init is not None and not resume:
-        check_init(Path(init), cfg)
+        init_tower = check_init(Path(init), cfg)
         ft.init = str(Path(init).resolve())
 
     # ---- data: labels, class prompts and the starting tower from the cache; frames from the videos
@@ -104,7 +107,8 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     train_text, held_out_text = (description_features(cfg, videos.keys, inputs) for videos in (train, held_out))
     settings = cache.meta["settings"]
     views = ViewSettings(num_segments=cache.num_frames, train_views=1, shorter_side=settings["resize_shorter_side"],
-                         crop=settings["crop"], hflip=settings["hflip"])   # SPEC section 1, as extracted
+                         crop=settings["crop"], hflip=settings["hflip"],
+                         sampling=prepared_settings(settings)["sampling"])   # SPEC section 1, as extracted
     precision = training_precision(ft.precision, dist.device)
 
     # ---- model: the tower (chosen blocks trainable, BatchNorm statistics frozen) and the heads
@@ -115,7 +119,7 @@ def train_finetune(cfg: DictConfig, run_dir: Path, *, resume: bool = False, init
     torch.manual_seed(t.seed)  # the heads' initial weights, like everything after, follow from the seed
     head = build_head(cfg.model, cfg.loss, clip.feature_dim, inputs).to(dist.device)
     if ft.init and not resume:
-        load_checkpoint(Path(ft.init) / "checkpoints" / "best", heads=head)
+        load_checkpoint(Path(ft.init) / "checkpoints" / "best", heads=head, visual=tower if init_tower else None)
     head_parameters = [p for p in head.parameters() if p.requires_grad]
     groups = [{"params": head_parameters, "lr": t.lr, "weight_decay": t.weight_decay},
               {"params": tower_parameters, "lr": ft.tower_lr, "weight_decay": ft.tower_weight_decay}]
@@ -318,17 +322,47 @@ def encode_test_views(clip: ClipModel, videos: SplitVideos, settings: ViewSettin
     return torch.cat(features)
 
 
-def check_init(init: Path, cfg: DictConfig) -> None:
-    """Refuse `--init` before anything loads when its heads cannot start this run."""
+def check_init(init: Path, cfg: DictConfig) -> bool:
+    """Refuse `--init` before anything loads when it cannot start this run. Return whether it holds a tuned
+    tower besides its heads (a finetune or imported run): the tower then starts from it too, and this run
+    takes over what that tower was trained on (`adopt_tower_data`)."""
     init_cfg = load_run_config(init)
-    if checkpoint_dir(init / "checkpoints" / "best") is None:
+    best = checkpoint_dir(init / "checkpoints" / "best")
+    if best is None:
         raise ClipspmError(f"--init {init} holds no best checkpoint; has its training validated at least once?")
+    with_tower = (best / VISUAL).is_file()
+    if with_tower:
+        adopt_tower_data(init, init_cfg, cfg)
     theirs = OmegaConf.select(init_cfg, "data.cache_key.model") or backbone_of(init_cfg)
     ours = backbone_of(cfg)
     if feature_width(theirs) != feature_width(ours):
         raise ClipspmError(f"--init {init}: its heads were trained on {theirs} features {feature_width(theirs)} wide, "
                            f"but this run's tower {ours} gives features {feature_width(ours)} wide; start from a "
                            f"heads run of {ours} (or a backbone of the same width), or leave --init out")
+    return with_tower
+
+
+def adopt_tower_data(init: Path, init_cfg: DictConfig, cfg: DictConfig) -> None:
+    """A tuned tower goes on seeing frames as it was trained on them: this run takes the init run's backbone, T
+    and preparation (normalize, sampling, class_names; an imported run's are the released code's) where its own
+    data settings leave them unset, and is refused where they set them otherwise."""
+    trained = init_cfg.data.cache_key     # a finetune run: the settings of the cache it trained from
+    if trained:
+        source = {"backbone": trained["model"], "num_frames": trained["num_frames"], **prepared_settings(trained)}
+    else:                                 # an imported run: its config
+        source = {"backbone": backbone_of(init_cfg), "num_frames": init_cfg.data.num_frames,
+                  **{name: init_cfg.data[name] for name in PREPARATION}}
+    conflicts = []
+    for name, value in source.items():
+        if value is None:
+            continue
+        if cfg.data[name] is None:
+            cfg.data[name] = value
+        elif cfg.data[name] != value:
+            conflicts.append(f"data.{name}={cfg.data[name]} (its tower's: {value})")
+    if conflicts:
+        raise ClipspmError(f"--init {init} starts this run's tower from one trained on other frames than this run "
+                           f"asks for: {', '.join(conflicts)}; leave those settings out to take the tower's")
 
 
 def video_dataset(cache: FeatureCache, cfg: DictConfig) -> VideoDataset:

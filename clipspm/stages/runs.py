@@ -28,7 +28,7 @@ from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import ClipModel, feature_width, file_sha256, load_clip
 from clipspm.pipeline.methods import HeadInputs, get_method
 from clipspm.pipeline.text_tower import TextTower
-from clipspm.stages.checkpoint import checkpoint_dir, save_checkpoint
+from clipspm.stages.checkpoint import checkpoint_dir, read_state, save_checkpoint
 from clipspm.stages.descriptions import read_descriptions
 from clipspm.stages.episodes import EpisodeIndex, episode_file_name, fixed_episodes
 
@@ -91,6 +91,10 @@ def check_run_dir(run_dir: Path, stage: str, *, resume: bool) -> bool:
     if run_dir.is_dir() and not (run_dir / CONFIG_NAME).exists() and any(run_dir.iterdir()):
         raise ClipspmError(f"{run_dir} is not empty and holds no run ({CONFIG_NAME} is missing); pass another "
                            f"--run-dir (or --name) so that nothing in it is overwritten")
+    source = imported_from(run_dir)
+    if source is not None:
+        raise ClipspmError(f"{run_dir} holds the checkpoint imported from {source}, which training into it would "
+                           f"replace; fine-tune from it with --init {run_dir} and another --run-dir (or --name)")
     if not has_checkpoint(run_dir):
         return False
     saved = run_stage(load_run_config(run_dir))
@@ -101,6 +105,49 @@ def check_run_dir(run_dir: Path, stage: str, *, resume: bool) -> bool:
         raise ClipspmError(f"{run_dir} already holds a run; pass --resume to continue it, or --run-dir/--name "
                            f"for a new one")
     return True
+
+
+def imported_from(run_dir: Path) -> str | None:
+    """The released checkpoint a run was imported from (`clipspm import-checkpoint`); None for a trained run."""
+    found = checkpoint_dir(Path(run_dir) / "checkpoints" / "best")
+    return read_state(found).get("imported_from") if found is not None else None
+
+
+@dataclass
+class LoadedRun:
+    """A run's head with a checkpoint's weights, in eval mode, and the run's resolved config."""
+
+    head: torch.nn.Module      # forward(Episode) -> HeadOutput: .logits [E, N*M, N], .aux (training losses)
+    config: DictConfig         # sections data, train, eval, [finetune], model, loss; `.loss` is episode_step's
+    run_dir: Path
+    checkpoint: str            # best | last
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """The head of a heads, finetune or imported run, with the weights of its `checkpoint` (best: by validation;
+    an imported run has only best), in eval mode on `device`. Nothing else is loaded: no cache, no tower.
+
+        run = clipspm.load_run("runs/hmdb51-RN50-1shot")
+        logits = run.head(episode).logits                          # [E, N*M, N], episode: pipeline.episode.Episode
+        run.head.train()
+        step = episode_step(run.head, episode, run.config.loss, episodes_per_step=16)   # loss, as training has it
+
+    A fine-tuned (or imported) run's tower is `checkpoints/{checkpoint}/visual.safetensors`; `clipspm eval` scores
+    it through a cache of test features that tower encoded.
+    """
+    from clipspm.pipeline.methods import build_head
+    from clipspm.stages.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    model = OmegaConf.select(cfg, "data.cache_key.model") or backbone_of(cfg)
+    width = feature_width(model)
+    if width is None:
+        raise ClipspmError(f"{run_dir} was made with {model}, which open_clip does not know here; register its "
+                           f"model config (open_clip.add_model_config) before loading the run")
+    head = build_head(cfg.model, cfg.loss, width)
+    load_checkpoint(run_dir / "checkpoints" / checkpoint, heads=head)
+    return LoadedRun(head.to(device).eval(), cfg, run_dir, checkpoint)
 
 
 def prepare_run_dir(run_dir: Path, cfg: DictConfig, *, resume: bool) -> None:
@@ -258,12 +305,12 @@ def open_run_cache(cfg: DictConfig, run_dir: Path, *, resume: bool, console: Con
     if data.cache:
         cache = FeatureCache(find_store(Path(data.cache)))
     else:
-        from clipspm.stages.extract import ExtractOptions, extract
+        from clipspm.stages.extract import PREPARATION, ExtractOptions, extract
 
         options = ExtractOptions(dataset=data.dataset, root=data.root, split_dir=data.split_dir,
                                  backbone=data.backbone, pretrained=data.pretrained, cache_root=Path(data.cache_dir),
                                  seed=data.seed, check_blocks=False)   # load_run_data checks what it reads
-        for name in ("num_frames", "train_views"):
+        for name in ("num_frames", "train_views", *PREPARATION):
             if data[name] is not None:
                 setattr(options, name, data[name])
         result = extract(options)
@@ -303,9 +350,20 @@ def check_cache_fits(cache: FeatureCache, cfg: DictConfig) -> None:
         problems.append(f"its features are {meta['feature_dim']} wide, {data.backbone} gives {width}")
     if data.num_frames is not None and meta["num_frames"] != data.num_frames:
         problems.append(f"it samples T={meta['num_frames']} frames, the run asks for T={data.num_frames}")
+    for name, value in prepared_settings(meta["settings"]).items():
+        if data.get(name) is not None and data[name] != value:
+            problems.append(f"it was extracted with {name}={value}, the run asks for data.{name}={data[name]}")
     if problems:
         raise CacheError(f"cache {cache.store_path.parent} does not fit this run: " + "; ".join(problems)
                          + ". Pass a matching --cache, or leave it out to use (or extract) the right one")
+
+
+def prepared_settings(settings: dict) -> dict[str, str]:
+    """normalize, sampling and class_names of a cache, from its settings (absent: the extract defaults, which a
+    cache's settings leave out)."""
+    from clipspm.stages.extract import DEFAULTS, PREPARATION
+
+    return {name: settings.get(name, DEFAULTS[name]) for name in PREPARATION}
 
 
 @dataclass
@@ -376,7 +434,8 @@ def clip_of_cache(cache: FeatureCache, device: torch.device) -> ClipModel:
     """The CLIP model a cache was extracted with (random weights again from its seed), refused when its
     weights are not those the cache records."""
     meta = cache.meta
-    clip = load_clip(meta["model"], meta["pretrained"], device, seed=meta["settings"]["seed"])
+    clip = load_clip(meta["model"], meta["pretrained"], device, seed=meta["settings"]["seed"],
+                     normalize=prepared_settings(meta["settings"])["normalize"])
     if clip.weight_sha256 != meta["weight_sha256"]:
         raise CacheError(f"the {meta['model']} weights {meta['pretrained']} are not those cache "
                          f"{cache.store_path.parent} was made with (sha256 {clip.weight_sha256[:12]} vs "

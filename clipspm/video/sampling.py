@@ -1,8 +1,12 @@
-"""TSN sampling and the spatial view of each sample (SPEC section 1).
+"""Frame sampling and the spatial view of each sample (SPEC section 1).
 
-A video's frames are split into T equal segments. The test view takes the middle frame of each
-segment and a centre crop; a train view takes one uniformly random frame per segment, a random
-crop and (unless the dataset forbids it) a random horizontal flip shared by all T frames.
+`tsn` (the default): a video's frames are split into T equal segments. The test view takes the
+middle frame of each segment; a train view takes one uniformly random frame per segment.
+`released` (the released CLIP-SPM loader, video_reader.py get_seq): T frames evenly spaced over a
+span, int(linspace(start, end, T)); the test view spans frames 1 .. n-2, a train view moves each end
+inwards by up to min(5, (n-T)/2) frames at random; a span shorter than T spans the whole video.
+Either way the test view takes a centre crop, a train view a random crop and (unless the dataset
+forbids it) a random horizontal flip shared by all T frames.
 
 Randomness comes from `(seed, video key)` alone, so a resumed or multi-process extraction draws
 exactly the views an uninterrupted single-process run would have drawn. Frame indices are drawn
@@ -34,6 +38,31 @@ def tsn_train_indices(num_frames: int, num_segments: int, rng: np.random.Generat
     return starts + rng.integers(0, ends - starts)
 
 
+def released_test_indices(num_frames: int, num_segments: int) -> np.ndarray:
+    """T frames evenly spaced from the second frame to the second last."""
+    return _released_span(num_frames, num_segments, 1, num_frames - 2)
+
+
+def released_train_indices(num_frames: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """T frames evenly spaced between a start and an end each moved inwards by a random 0..min(5, (n-T)/2)."""
+    pad = int(min(5, (num_frames - num_segments) / 2))
+    if pad < 1:
+        return _released_span(num_frames, num_segments, 0, num_frames - 1)
+    start = int(rng.integers(0, pad + 1))
+    end = int(rng.integers(num_frames - 1 - pad, num_frames))
+    return _released_span(num_frames, num_segments, start, end)
+
+
+def _released_span(num_frames: int, num_segments: int, start: int, end: int) -> np.ndarray:
+    if end - start < num_segments:     # too short a span: the whole video
+        start, end = 0, num_frames - 1
+    return np.linspace(start, end, num_segments).astype(np.int64)
+
+
+SAMPLINGS = {"tsn": (tsn_test_indices, tsn_train_indices),
+             "released": (released_test_indices, released_train_indices)}
+
+
 def resized_size(height: int, width: int, shorter_side: int) -> tuple[int, int]:
     """Frame size after scaling the shorter side to `shorter_side` (aspect ratio kept)."""
     scale = shorter_side / min(height, width)
@@ -47,10 +76,12 @@ def video_rng(seed: int, video_key: str, *salt: int) -> np.random.Generator:
 
 
 def sample_frame_indices(num_frames: int, rng: np.random.Generator, *, num_segments: int,
-                         train_views: int) -> np.ndarray:
-    """[1 + train_views, T]: the test view's frames, then one random draw per train view."""
-    views = [tsn_test_indices(num_frames, num_segments)]
-    views += [tsn_train_indices(num_frames, num_segments, rng) for _ in range(train_views)]
+                         train_views: int, sampling: str = "tsn") -> np.ndarray:
+    """[1 + train_views, T]: the test view's frames, then one random draw per train view (`sampling`: tsn or
+    released, see the module docstring)."""
+    test_indices, train_indices = SAMPLINGS[sampling]
+    views = [test_indices(num_frames, num_segments)]
+    views += [train_indices(num_frames, num_segments, rng) for _ in range(train_views)]
     return np.stack(views)
 
 

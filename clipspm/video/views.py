@@ -26,6 +26,7 @@ class ViewSettings:
     shorter_side: int   # resize target of the shorter side (256 for a 224 crop)
     crop: int           # the encoder's input size
     hflip: bool         # random horizontal flips allowed in train views
+    sampling: str = "tsn"   # which frames: tsn | released (clipspm/video/sampling.py)
 
     @property
     def views(self) -> int:
@@ -57,7 +58,7 @@ def load_views(path: Path, settings: ViewSettings, rng: np.random.Generator, *, 
         raise VideoReadError(f"too short: {source.num_frames} frames, T={settings.num_segments} needs at least "
                              f"{settings.num_segments}")
     indices = sample_frame_indices(source.num_frames, rng, num_segments=settings.num_segments,
-                                   train_views=settings.train_views)
+                                   train_views=settings.train_views, sampling=settings.sampling)
     kept = slice(0 if test_view else 1, None)
     indices = indices[kept]
     boxes = None
