@@ -137,6 +137,11 @@ def _load() -> None:
     for module in pkgutil.iter_modules([str(package)]):
         if module.name != "registry":
             importlib.import_module(f"clipspm.pipeline.methods.{module.name}")
+    # By name, not by import order: code that imported one method's module first (clipspm.stages.import_checkpoint
+    # imports methods/clipspm.py) must not reorder `clipspm methods` and the config reference.
+    shipped = sorted(_METHODS.items())
+    _METHODS.clear()
+    _METHODS.update(shipped)
     for entry in filter(None, os.environ.get(PLUGIN_VARIABLE, "").split(os.pathsep)):
         _import_plugin(entry)
 
