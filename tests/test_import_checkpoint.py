@@ -137,6 +137,7 @@ def test_imported_run_holds_the_checkpoints_tower_and_mapped_heads(tmp_path, mod
     cfg = loaded.config
     assert (cfg.model.kind, cfg.model.profile, cfg.data.backbone) == ("clipspm", "official", model)
     assert (cfg.data.normalize, cfg.data.sampling, cfg.data.class_names) == ("none", "released", "benchmark")
+    assert cfg.train.select_on == "test"      # the released best checkpoint was chosen on the test split
     assert cfg.finetune is not None and result.tower_entries == len(tower) and result.head_entries == len(head)
 
 
@@ -294,7 +295,9 @@ def test_import_eval_and_init_finetune(imported_rn, synthetic_root, rn_weights, 
                    "--device", "cpu", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads((run / "results.json").read_text())
-    assert result["episodes"] == 20 and 0 <= result["accuracy"] <= 1
+    assert result["episodes"] == 20 and 0 <= result["accuracy"] <= 1 and result["select_on"] == "test"
+    assert Path(result["episodes_file"]).parent.parent == Path(result["cache"])   # beside the tuned test cache
+    assert "on the TEST split" in " ".join(done.stdout.split())
     with FeatureCache(find_store(Path(result["cache"]))) as cache:           # the imported tower's test cache
         meta = cache.meta
         assert meta["normalize"] == {"kind": "none", "mean": [0.0] * 3, "std": [1.0] * 3}

@@ -220,6 +220,7 @@ def imported_config(options: ImportOptions, model: str, dataset: str, widths: di
     names = "released" if dataset in released_names() else "benchmark"
     overrides = [f"data.backbone={model}", "data.pretrained=openai", f"data.num_frames={RELEASED_NUM_FRAMES}",
                  "data.normalize=none", "data.sampling=released", f"data.class_names={names}",
+                 "train.select_on=test",   # run/main_run.py keeps as best the checkpoint of the best test accuracy
                  f"data.cache_dir={options.cache_dir}", f"model.head_dim={widths['I'] // base.model.num_heads}",
                  f"model.mlp_hidden={widths['M']}", f"model.prompt_hidden={widths['P']}"]
     if options.shots is not None:
