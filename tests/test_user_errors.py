@@ -316,3 +316,10 @@ def test_device_names_are_checked_before_anything_runs():
         resolve_device("gpu0")
     with pytest.raises(ClipspmError, match="only CPU and CUDA"):
         resolve_device("meta")
+
+
+def test_an_unknown_backbone_is_refused_before_the_synthetic_dataset_is_generated(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, output = run_main(["extract", "--backbone", "nope"], monkeypatch, capsys)
+    assert code == 2 and "unknown open_clip model 'nope'" in output
+    assert list(tmp_path.iterdir()) == [], "nothing (data/, caches/) is made before the model name is checked"

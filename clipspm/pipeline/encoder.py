@@ -108,6 +108,14 @@ def feature_width(name: str) -> int | None:
     return None if config is None else int(config["embed_dim"])
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a model name open_clip does not know (before any work that needs the model)."""
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise ClipspmError(f"unknown open_clip model {name!r}; known names include RN50, ViT-B-16, "
+                           f"clipspm-tiny-vit (see `open_clip.list_models()`)")
+
+
 def load_clip(name: str, pretrained: str = "openai", device: str | torch.device = "cpu", *,
               seed: int = 0, weights: str | Path | None = None, normalize: str = "clip") -> ClipModel:
     """Build `name` with weights from a tag, a local file, or `none` (random init from `seed`).
@@ -118,10 +126,7 @@ def load_clip(name: str, pretrained: str = "openai", device: str | torch.device 
     """
     if normalize not in NORMALIZATIONS:
         raise ClipspmError(f"normalize={normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
-    register_model_configs()
-    if name not in open_clip.list_models():
-        raise ClipspmError(f"unknown open_clip model {name!r}; known names include RN50, ViT-B-16, "
-                           f"clipspm-tiny-vit (see `open_clip.list_models()`)")
+    check_model_name(name)
     force_quick_gelu = False
     preprocess = {}
     if pretrained == "none":

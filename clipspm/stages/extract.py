@@ -54,7 +54,14 @@ from clipspm.config import load_config, prompt_templates
 from clipspm.datasets import Dataset, load_dataset
 from clipspm.datasets.class_names import with_class_names
 from clipspm.errors import CacheError, ClipspmError
-from clipspm.pipeline.encoder import ClipModel, file_sha256, load_clip, resolve_precision, state_dict_sha256
+from clipspm.pipeline.encoder import (
+    ClipModel,
+    check_model_name,
+    file_sha256,
+    load_clip,
+    resolve_precision,
+    state_dict_sha256,
+)
 from clipspm.stages import distributed
 from clipspm.system import keeps_caller_threads, make_console, use_threads
 from clipspm.video.person import PersonCropper, PersonCropSettings, build_detector
@@ -160,6 +167,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
     if person is not None and person.device.type == "cuda" and options.workers:
         console.print("person crops on the GPU: frames are decoded in the main process, where the detector runs")
         options = replace(options, workers=0)
+    if options.backbone:
+        check_model_name(options.backbone)   # before the synthetic dataset is generated
     dataset = _load_dataset_once(options, dist)
     clip = load_clip(options.backbone or dataset.default_backbone, options.pretrained or dataset.default_pretrained,
                      dist.device, seed=options.seed, weights=options.weights, normalize=options.normalize)
