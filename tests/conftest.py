@@ -83,23 +83,30 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
                           text=True, timeout=timeout)
 
 
-def kill_after_first_checkpoint(args: list[str], run_dir: Path, *, cwd: Path | None = None,
-                                env: dict | None = None, timeout: float = 180) -> int:
-    """Run `clipspm ARGS` training into `run_dir`, SIGKILL it as soon as its first checkpoint is
-    written, and return the episode that checkpoint holds."""
-    import json
+def kill_when_written(args: list[str], path: Path, *, cwd: Path | None = None, env: dict | None = None,
+                      timeout: float = 240) -> None:
+    """Run `clipspm ARGS` and SIGKILL it as soon as `path` exists (or it ends, or `timeout` passes)."""
     import signal
     import subprocess
     import time
 
     process = subprocess.Popen([sys.executable, "-m", "clipspm", *args], cwd=cwd, env={**os.environ, **(env or {})},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = run_dir / "checkpoints" / "last" / "state.json"
     deadline = time.time() + timeout
-    while time.time() < deadline and not state.exists() and process.poll() is None:
+    while time.time() < deadline and not path.exists() and process.poll() is None:
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def kill_after_first_checkpoint(args: list[str], run_dir: Path, *, cwd: Path | None = None,
+                                env: dict | None = None, timeout: float = 180) -> int:
+    """Run `clipspm ARGS` training into `run_dir`, SIGKILL it as soon as its first checkpoint is
+    written, and return the episode that checkpoint holds."""
+    import json
+
+    state = run_dir / "checkpoints" / "last" / "state.json"
+    kill_when_written(args, state, cwd=cwd, env=env, timeout=timeout)
     return json.loads(state.read_text())["episode"]
 
 
@@ -129,3 +136,13 @@ def heads_config(cache: Path, *overrides: str):
     return resolve_config("heads", "synthetic", overrides=[f"data.cache={cache}", "train.episodes=320",
                                                            "train.val_every=160", "train.val_episodes=100",
                                                            "train.log_every=32", *overrides])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread beats two contending ones, all the more on a busy machine
+    (`pytestmark = pytest.mark.usefixtures("one_torch_thread")` in a module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,11 +6,6 @@ import contextlib
 import csv
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +20,7 @@ from clipspm.errors import ClipspmError
 from clipspm.experiments.ablate import AblateOptions, run_ablation
 from clipspm.experiments.report import paper_numbers
 from clipspm.experiments.suites import SuiteSettings, load_suite, parse_suite, shipped_suites, variant_config
-from tests.conftest import run_cli
+from tests.conftest import kill_when_written, run_cli
 
 # A schedule of a few seconds per run: 2 steps of 4 episodes, few validation and test episodes.
 SHORT = ("data.train_views=2", "train.episodes_per_step=4", "train.val_every=8", "train.val_episodes=10",
@@ -283,18 +278,10 @@ variants:
 def test_killed_suite_resumes_skipping_finished_variants(synthetic_cache, tmp_path):
     runs = tmp_path / "runs"
     longer = ("--set", "train.val_every=4", "--episodes", "16")    # four checkpoints per run: a kill lands mid-run
-    process = subprocess.Popen([sys.executable, "-m", "clipspm", "ablate", "--suite", "consistency", "--shots", "1",
-                                *cli_options(synthetic_cache, runs), *longer],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     suite_dir = runs / "ablate-synthetic-clipspm-tiny-vit-consistency"
     first, second = suite_dir / "none-1shot", suite_dir / "support-1shot"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None \
-            and not (second / "checkpoints" / "last" / "state.json").exists():
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when_written(["ablate", "--suite", "consistency", "--shots", "1", *cli_options(synthetic_cache, runs), *longer],
+                      second / "checkpoints" / "last" / "state.json", cwd=tmp_path, env={"PYTHONUNBUFFERED": "1"})
     assert (first / "results.json").exists() and not (second / "results.json").exists(), "kill mid-suite"
     finished_before = modified_times(first)
 

@@ -11,11 +11,6 @@ import contextlib
 import csv
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +27,7 @@ from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods import methods
 from clipspm.pipeline.otam import otam_distance
 from clipspm.stages.extract import ExtractOptions, extract
-from tests.conftest import run_cli
+from tests.conftest import kill_when_written, run_cli
 
 VIT = "clipspm-tiny-vit"
 SHORT = ("train.ways=2", "train.queries=1", "train.val_queries=1", "train.episodes_per_step=2", "train.val_every=2",
@@ -40,13 +35,7 @@ SHORT = ("train.ways=2", "train.queries=1", "train.val_queries=1", "train.episod
 EVAL_EPISODES = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread beats two contending ones, all the more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +142,9 @@ def test_killed_finetune_suite_resumes_in_parallel_workers_skipping_finished_var
     suite = components_subset(tmp_path / "two.yaml", ["none", "full"])
     runs = tmp_path / "runs"
     args = cli_options(video_root, cache_dir, runs, suite, "--episodes", "8")   # four checkpoints per run
-    process = subprocess.Popen([sys.executable, "-m", "clipspm", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     suite_dir = runs / "ablate-custom-clipspm-tiny-vit-components-ft"
     first, second = suite_dir / "none-1shot", suite_dir / "full-1shot"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None \
-            and not (second / "checkpoints" / "last" / "state.json").exists():
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when_written(args, second / "checkpoints" / "last" / "state.json", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert (first / "results.json").exists() and not (second / "results.json").exists(), "kill mid-suite"
     finished_before = modified_times(first)
 

@@ -39,13 +39,7 @@ SHORT = ["train.ways=2", "train.shots=1", "train.queries=1", "train.val_queries=
          "finetune.workers=0", "data.pretrained=none", "data.train_views=0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread beats two contending ones, all the more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

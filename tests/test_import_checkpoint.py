@@ -46,12 +46,7 @@ SHORT = ["train.ways=2", "train.shots=1", "train.queries=1", "train.val_queries=
          "finetune.workers=0", "data.train_views=0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def released_head(dataset: str = "synthetic", dim: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:

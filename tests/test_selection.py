@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -31,13 +30,7 @@ SCHEDULE = ("train.episodes=24", "train.episodes_per_step=4", "train.val_every=4
             "train.val_episodes=50", "eval.episodes=50")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread beats two contending ones, all the more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def validations(run: Path, key: str) -> list[dict]:

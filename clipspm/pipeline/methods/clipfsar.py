@@ -34,7 +34,7 @@ class CLIPFSAROptions(ModelOptions):
 class CLIPFSARLoss(LossOptions):
     video_text: float = Field(1.0, ge=0, description="weight of the video-text loss: time-averaged CLIP frames "
                                                      "classified against every base-class text (released: per "
-                                                     "dataset, configs/methods/clipfsar.yaml)")
+                                                     "dataset, in configs/methods/ of the method)")
 
 
 class CLIPFSARHead(nn.Module):

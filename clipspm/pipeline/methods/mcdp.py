@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from clipspm.errors import ClipspmError
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
+from clipspm.pipeline.methods.clipfsar import CLIPFSARLoss, CLIPFSAROptions
 from clipspm.pipeline.methods.registry import HeadInputs, Method, register_method
 from clipspm.pipeline.otam import frame_distances, otam_cumulative
 from clipspm.pipeline.released_layers import (
@@ -37,13 +38,14 @@ from clipspm.pipeline.released_layers import (
     released_otam_distance,
     released_video_text_loss,
 )
-from clipspm.schema import LossOptions, ModelOptions
 
 CONTEXT_WORD = "X"        # the released prompt prefix: one "X" per context token (random init, no CTX_INIT)
 
 
-class MCDPOptions(ModelOptions):
-    kind: Literal["mcdp"] = "mcdp"
+class MCDPOptions(CLIPFSAROptions):
+    """CLIP-FSAR's transformer and OTAM options (the released MCDP-FSAR is built on it), and AMCAP's."""
+
+    kind: Literal["mcdp"] = "mcdp"  # type: ignore[assignment]
     query_prompt: Literal["all_classes", "true_class_leak"] = Field(
         "all_classes", description="all_classes: a query is scored against each episode class with that class's "
                                    "context token, its label never read | true_class_leak: the released protocol, "
@@ -64,19 +66,10 @@ class MCDPOptions(ModelOptions):
     merge_shots: bool = Field(True, description="average the K shots (frames and context token) before the "
                                                 "transformer (released MERGE_BEFORE of the 3- and 5-shot configs; "
                                                 "1-shot alike either way) | false: average its outputs")
-    otam_lambda: float = Field(0.5, gt=0, description="soft-min temperature of OTAM")
-    otam_bidirectional: bool = Field(True, description="SeqDis = OTAM(D) + OTAM(D^T); false: query-to-support only")
-    num_heads: int = Field(8, ge=1, description="attention heads of the temporal transformer, each C // num_heads "
-                                                "wide (released: 8)")
-    mlp_hidden: int = Field(2048, ge=1, description="hidden width of the transformer MLP (released: 2048 at every C)")
-    attention_dropout: float = Field(0.2, ge=0, lt=1, description="dropout after the attention output projection")
-    mlp_dropout: float = Field(0.05, ge=0, lt=1, description="dropout after each layer of the transformer MLP")
 
 
-class MCDPLoss(LossOptions):
-    video_text: float = Field(1.0, ge=0, description="weight of the video-text loss: time-averaged CLIP frames "
-                                                     "classified against every base-class text (released: per "
-                                                     "dataset, configs/methods/mcdp.yaml)")
+class MCDPLoss(CLIPFSARLoss):
+    """CLIP-FSAR's video-text loss (released weights per dataset: configs/methods/mcdp.yaml)."""
 
 
 class ContextShift(nn.Module):
