@@ -19,14 +19,18 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
+from clipspm.cache.store import FeatureCache, find_store
 from clipspm.config import resolve_config
 from clipspm.experiments.ablate import AblateOptions, run_ablation, worker_cores
 from clipspm.experiments.reach import config_reach, logit_reach
+from clipspm.experiments.report import variant_reach
 from clipspm.experiments.suites import SuiteSettings, load_suite, shipped_suites, variant_config
 from clipspm.pipeline.episode import Episode, HeadOutput, class_prototypes
 from clipspm.pipeline.methods import methods
+from clipspm.pipeline.methods.registry import STAGE_INPUTS
 from clipspm.pipeline.otam import otam_distance
 from clipspm.stages.extract import ExtractOptions, extract
+from clipspm.stages.runs import head_inputs
 from tests.conftest import kill_when_written, run_cli
 
 VIT = "clipspm-tiny-vit"
@@ -198,25 +202,29 @@ def test_parameters_that_feed_only_auxiliary_losses_cannot_change_a_score():
 
 
 @pytest.mark.parametrize("stage", ["heads", "finetune"])
-def test_only_hsmr_alone_in_the_heads_stage_is_marked_among_the_shipped_suites(stage):
+def test_only_hsmr_alone_in_the_heads_stage_is_marked_among_the_shipped_suites(stage, synthetic_cache):
     """The mark is computed from each head, for every shipped suite and method: only HSMR without SPM has
-    trained parameters (its own) none of which reaches the distance; the tower makes that a result again."""
+    trained parameters (its own) none of which reaches the distance; the tower makes that a result again.
+    A method that needs the text tower (MCDP-FSAR) gets the one of the suite's cache, as the report does."""
     marked = set()
     for name in shipped_suites():
         suite = load_suite(name)
-        settings = SuiteSettings(dataset="synthetic", backbone=VIT, cache="unused", shots=[1],
+        settings = SuiteSettings(dataset="synthetic", backbone=VIT, cache=str(synthetic_cache), shots=[1],
                                  overrides=[*suite.overrides], eval_episodes=10, eval_queries=1, eval_seed=0,
                                  stage=stage)
         marked |= {(name, variant.name) for variant in suite.variants
-                   if config_reach(variant_config(settings, variant, 1), dim=64, frames=8, stage=stage).scores_fixed}
+                   if variant_reach(settings, variant, 1, dim=64, frames=8).scores_fixed}
     assert marked == ({("components", "hsmr")} if stage == "heads" else set())
 
 
-def test_every_registered_method_that_trains_can_change_its_scores():
-    """At its default options, no method usable from a cache trains only parameters that miss its logits."""
-    for name, method in methods().items():
-        if method.refusal() is None:
-            cfg = resolve_config("heads", "synthetic", overrides=[f"model.kind={name}"])
-            reach = config_reach(cfg, dim=64, frames=8, stage="heads")
-            assert not reach.scores_fixed, name
-            assert bool(reach.reaching) == method.trainable, name
+def test_every_registered_method_that_trains_can_change_its_scores(synthetic_cache):
+    """At its default options, no method usable from a cache (with what the stages load beside it) trains
+    only parameters that miss its logits."""
+    with FeatureCache(find_store(synthetic_cache)) as cache:
+        for name, method in methods().items():
+            if method.refusal(set(STAGE_INPUTS)) is None:
+                cfg = resolve_config("heads", "synthetic", overrides=[f"model.kind={name}"])
+                inputs = head_inputs(cfg, cache, torch.device("cpu")) if method.stage_inputs else None
+                reach = config_reach(cfg, dim=64, frames=8, stage="heads", inputs=inputs)
+                assert not reach.scores_fixed, name
+                assert bool(reach.reaching) == method.trainable, name
