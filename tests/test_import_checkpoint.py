@@ -18,6 +18,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import clipspm
@@ -38,6 +39,7 @@ from clipspm.stages.runs import check_run_dir
 from clipspm.video.sampling import released_test_indices, released_train_indices, video_rng
 from clipspm.video.views import ViewSettings, load_views
 from tests.conftest import run_cli
+from tests.test_clipspm_official import OFFICIAL_CASES, gradients, official_case
 
 RN, VIT = "clipspm-tiny-rn", "clipspm-tiny-vit"
 FIXTURES = Path(__file__).parent / "fixtures" / "clipspm_official"
@@ -138,7 +140,8 @@ def test_imported_run_holds_the_checkpoints_tower_and_mapped_heads(tmp_path, mod
 
 def test_fixture_parity_weights_import_to_the_mapping_function(tmp_path):
     """The released head of the parity fixtures (C = 16, hmdb gates), saved as a released checkpoint beside a
-    tower 16 wide, imports to exactly what released_heads_state_dict makes of it."""
+    tower 16 wide, imports to exactly what released_heads_state_dict makes of it, and the imported heads give
+    the released logits, 16-task loss and gradients of every case (1 and 5 shots, 1 and 4 queries)."""
     tiny = json.loads((Path(clipspm.__file__).parent / "configs" / "models" / f"{RN}.json").read_text())
     folder = tmp_path / "configs"
     folder.mkdir()
@@ -149,11 +152,28 @@ def test_fixture_parity_weights_import_to_the_mapping_function(tmp_path):
     with pytest.raises(ClipspmError, match="fit hmdb51, kinetics100, ssv2_small alike"):   # 1.5 / 0.5 gates
         import_checkpoint(options(source, tmp_path / "guessed", "clipspm-test-c16", dataset=None))
     import_checkpoint(options(source, tmp_path / "run", "clipspm-test-c16", dataset="hmdb51"))
-    head = clipspm.load_run(tmp_path / "run").head.state_dict()
+    run = clipspm.load_run(tmp_path / "run")
+    head = run.head.state_dict()
     expected = released_heads_state_dict(fixture)
     assert head.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(head[key], value.float()), key
+
+    # The imported run reproduces the released head's numbers. The fixture ran 2 attention heads of 8 (the
+    # tensors hold the width 16, not the head count: imports assume the released 8) with dropout 0.
+    model = OmegaConf.merge(run.config.model, {"num_heads": 2, "head_dim": 8, "attention_dropout": 0.0,
+                                               "mlp_dropout": 0.0})
+    imported = build_head(model, run.config.loss, 16).double()
+    imported.load_state_dict(run.head.state_dict())
+    for shots, queries in OFFICIAL_CASES:
+        case, episode = official_case(shots, queries)
+        with torch.no_grad():
+            torch.testing.assert_close(imported.eval()(episode).logits, case["logits_eval"], atol=1e-5, rtol=1e-5)
+        step = episode_step(imported.train(), episode, run.config.loss, 16)
+        torch.testing.assert_close(step.loss, case["loss"], atol=1e-5, rtol=1e-5)
+        grads = gradients(imported, step.loss)
+        for key, entry in released_keys()["keys"].items():
+            torch.testing.assert_close(grads[entry["to"]], case[f"grad.{key}"], atol=1e-5, rtol=1e-5, msg=key)
 
 
 def test_numpy1_pickles_of_acc_are_admitted(tmp_path):
