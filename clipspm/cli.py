@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from clipspm.experiments.report import ReportResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="CLIP-SPM few-shot action recognition: extract CLIP features once, train and evaluate "
-                       "the heads from the cache, fine-tune end to end.")
+                  help="CLIP-based few-shot action recognition (CLIP-SPM and the methods of its comparison "
+                       "tables): extract CLIP features once, train and evaluate any method's heads from the cache, "
+                       "fine-tune end to end.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature caches.")
 app.add_typer(cache_app, name="cache")
 console = make_console(stderr=False)
@@ -287,11 +288,13 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu. Default: CUDA when available.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train the CLIP-SPM heads from the feature cache, or fine-tune end to end (--stage finetune).
+    """Train a method's heads from the feature cache (model.kind, default CLIP-SPM), or fine-tune end to end
+    (--stage finetune).
 
-    Configs: clipspm/configs/heads.yaml (model, loss, train, eval, data) and finetune.yaml, then
-    datasets.yaml for the dataset, then --config, then --set. The run directory receives the resolved
-    config, metrics.jsonl, checkpoints (safetensors + JSON) and, after `clipspm eval`, results.json.
+    Config layers: the schema's defaults (`clipspm config`), clipspm/configs/stages.yaml, datasets.yaml for
+    the dataset, configs/methods/KIND.yaml (profiles, per-dataset values), then --config, then --set. The run
+    directory receives the resolved config, metrics.jsonl, TensorBoard events, checkpoints (safetensors +
+    JSON) and, after `clipspm eval`, results.json.
     """
     from clipspm.config import resolve_config
     from clipspm.stages.runs import default_run_dir, has_checkpoint, load_run_config
