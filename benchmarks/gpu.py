@@ -1,7 +1,7 @@
 """Every GPU figure the project promises, measured in one run of a few minutes: one JSON, one Markdown table.
 
 Run `python benchmarks/gpu.py` on a CUDA machine (on the lent GPU machine: `bash benchmarks/gpu_run.sh`, which
-first installs the carried wheels; docs/readme-parts/gpu-benchmark.md). The script makes its own inputs, and after
+first installs the carried wheels; README "GPU benchmark"). The script makes its own inputs, and after
 every section writes `gpu.json` and `gpu.md` into --out, so a run stopped halfway still leaves what it measured.
 `--smoke` runs the same sections on the CPU at toy sizes in seconds (tests/test_gpu_bench.py runs it).
 

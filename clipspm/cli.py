@@ -522,8 +522,8 @@ def demo(
 def ablate(
     suite: Annotated[str, typer.Option(
         help="A shipped suite - components (Table 3), fusion (Table 4), consistency (Table 5), templates (Fig. 5), "
-             "baselines (Tables 1-2), heads_lr, profiles (official vs paper) - or the path of your own suite YAML "
-             "file (format: clipspm/configs/suites/*.yaml).")],
+             "baselines (Tables 1-2), heads_lr, profiles (official vs paper), official_parts - or the path of "
+             "your own suite YAML file (format: clipspm/configs/suites/*.yaml).")],
     stage: Annotated[Stage, typer.Option(
         help="heads: every variant's heads trained on the cached features; finetune: heads and visual tower "
              "trained end to end, as the paper's ablation rows were (needs the videos: --root).")] = Stage.heads,

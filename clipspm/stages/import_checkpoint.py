@@ -15,7 +15,7 @@ Everything is checked before anything is written, and the run directory appears 
 temporary name, then renamed). It is a run like a finetune run's: `clipspm eval RUN` scores it through a
 test cache its tower extracts, `clipspm train --stage finetune --init RUN` fine-tunes from it. Its config
 holds what the released model saw: frames in [0, 1] without CLIP's mean/std, the released frame sampling
-and, where the released configs name them, the released class names (docs/readme-parts/import.md).
+and, where the released configs name them, the released class names (README "Released checkpoints").
 """
 
 from __future__ import annotations

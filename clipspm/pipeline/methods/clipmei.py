@@ -1,7 +1,7 @@
 """CLIP-MEI (Deng et al., Knowledge-Based Systems 2025): QSA + TFE over OTAM, MIC as a loss.
 
 Reference code: `models/model_clipmei.py` and the `clipmei` loss of `run/main_run.py` in D-XH/CLIP-MEI
-(README "CLIP-MEI": docs/readme-parts/methods-cpm2c-mei.md). The parts, in the README's names:
+(README "CLIP-CPM2C and CLIP-MEI"). The parts, in the README's names:
 - QSA (query-specific semantic information augmentation): a query is led through a transformer by a
   prompt generated from the mean episode text and the query's own mean activation; supports are led
   by their class text. d_qsa = OTAM(class means of the supports, queries).

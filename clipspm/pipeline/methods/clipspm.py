@@ -33,7 +33,7 @@ class CLIPSPMOptions(ModelOptions):
     kind: Literal["clipspm"] = "clipspm"
     profile: Literal["official", "paper"] = Field(
         "paper", description="official: the architecture and loss of the authors' released code (SPEC 6, "
-                             "docs/readme-parts/official-profile.md); paper: the paper's reading (SPEC 2-3). A run "
+                             "README, CLIP-SPM: model.profile); paper: the paper's reading (SPEC 2-3). A run "
                              "gets the first profile of configs/methods/clipspm.yaml, official, with that file's "
                              "data; this default holds only for options built without it")
     hsmr: bool = Field(True, description="HSMR: adds L_H only; the features going on are unchanged (Table 3)")

@@ -1,8 +1,8 @@
 """CLIP-CPM2C (Guo et al., Neurocomputing 2025): consistency prototype module and motion compensation.
 
 Reference code: `models/model_cpm2c.py` of the CLIP-MEI repository (D-XH/CLIP-MEI), the port of the
-authors' CPM-MC code into the training framework CLIP-SPM was later built on; README "CLIP-CPM2C"
-(docs/readme-parts/methods-cpm2c-mei.md) says why this copy and what differs from the other two.
+authors' CPM-MC code into the training framework CLIP-SPM was later built on; the README section
+"CLIP-CPM2C and CLIP-MEI" says why this copy and what differs from the other two.
 
 Two streams, appearance (the frames) and motion (their bidirectional differences), each through the
 same temporal transformer with a leading token: supports lead with their class text, queries with a
@@ -137,7 +137,7 @@ register_method(Method(
     paper="Guo et al., Consistency Prototype Module and Motion Compensation for Few-Shot Action Recognition "
           "(CLIP-CPM2C), Neurocomputing 611:128649, 2025",
     code="github.com/D-XH/CLIP-MEI (models/model_cpm2c.py; the authors' github.com/cofly2014/CPM-MC differs, see "
-         "docs/readme-parts/methods-cpm2c-mei.md)",
+         "the README, CLIP-CPM2C and CLIP-MEI)",
     build=lambda model, loss, dim: CPM2CHead(dim, model), model_options=CPM2COptions, loss_options=CPM2CLoss,
     needs=("frames", "class_text", "base_text"), defaults="cpm2c",
     parity="released head (D-XH/CLIP-MEI models/model_cpm2c.py + run/main_run.py loss) at C=16, float64: "

@@ -1,5 +1,5 @@
 """HyRSM (Wang et al., CVPR 2022): hybrid relation module + set matching, on the cached CLIP frame
-features (docs/readme-parts/methods-trx-hyrsm.md).
+features (README "TRX and HyRSM").
 
 Intra-relation: each video's frames (scaled, plus a sinusoidal position) go through one multi-head
 self-attention over time. Inter-relation: for each query, the time-averaged class prototypes (mean over

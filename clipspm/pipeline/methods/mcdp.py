@@ -5,7 +5,7 @@ Read from github sjkjsandy/MCDP-FSAR (`models/base/few_shot.py`: `CNN_OTAM_CLIPF
 `MultimodalContextualPromptLearner`, `CrossModalAttentionPromptGenerator`, `TextEncoder`; the loss in
 `runs/train_net_few_shot.py`; per-dataset values in `configs/projects/CLIPFSAR/`, kept in
 `clipspm/configs/methods/mcdp.yaml`). VFAM, its person crops, is preprocessing: `clipspm extract
---person-crop`. What differs from the released code and why: docs/readme-parts/mcdp.md. Parity with
+--person-crop`. What differs from the released code and why: README "MCDP-FSAR". Parity with
 the released modules: tests/fixtures/mcdp.
 
 A video's context token: 16 learned token embeddings, all shifted by one vector made from the video's

@@ -1,5 +1,5 @@
 """TRX (Perrett et al., CVPR 2021): temporal-relational cross-transformers over frame tuples, on the
-cached CLIP frame features (docs/readme-parts/methods-trx-hyrsm.md).
+cached CLIP frame features (README "TRX and HyRSM").
 
 Every ordered tuple of ω frames of a video (ω in `cardinalities`) is one token: its frames, with a
 sinusoidal position added, concatenated and mapped to a key and a value. Each query tuple attends over
