@@ -74,6 +74,18 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+# A user's own suite file: parameter-free OTAM at two temperatures (runs in seconds, no training).
+OTAM_SUITE_YAML = """
+title: OTAM soft-min temperature
+columns: [lambda]
+curve: lambda
+reference: lam0.5
+variants:
+  - {name: lam0.1, columns: {lambda: 0.1}, set: [model.kind=otam, model.otam_lambda=0.1]}
+  - {name: lam0.5, columns: {lambda: 0.5}, set: [model.kind=otam, model.otam_lambda=0.5]}
+"""
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
     """`clipspm ARGS` in a fresh process (what a user types), returning the CompletedProcess."""
     import subprocess

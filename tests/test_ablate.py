@@ -20,7 +20,7 @@ from clipspm.errors import ClipspmError
 from clipspm.experiments.ablate import AblateOptions, run_ablation
 from clipspm.experiments.report import paper_numbers
 from clipspm.experiments.suites import SuiteSettings, load_suite, parse_suite, shipped_suites, variant_config
-from tests.conftest import kill_when_written, run_cli
+from tests.conftest import OTAM_SUITE_YAML, kill_when_written, run_cli
 
 # A schedule of a few seconds per run: 2 steps of 4 episodes, few validation and test episodes.
 SHORT = ("data.train_views=2", "train.episodes_per_step=4", "train.val_every=8", "train.val_episodes=10",
@@ -253,15 +253,7 @@ def test_report_pairs_each_variant_with_the_full_model_as_computed_by_hand(compo
 
 def test_user_written_suite_file_runs_without_code_in_parallel_workers(synthetic_cache, tmp_path):
     suite_file = tmp_path / "otam_temperature.yaml"
-    suite_file.write_text("""
-title: OTAM soft-min temperature
-columns: [lambda]
-curve: lambda
-reference: lam0.5
-variants:
-  - {name: lam0.1, columns: {lambda: 0.1}, set: [model.kind=otam, model.otam_lambda=0.1]}
-  - {name: lam0.5, columns: {lambda: 0.5}, set: [model.kind=otam, model.otam_lambda=0.5]}
-""")
+    suite_file.write_text(OTAM_SUITE_YAML)
     done = run_cli("ablate", "--suite", str(suite_file), "--shots", "1", "--parallel", "2", "--devices", "cpu,cpu",
                    *cli_options(synthetic_cache, tmp_path / "runs"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -99,15 +99,20 @@ def assert_same_training(a: Path, b: Path, weights_atol: float = 1e-7) -> None:
         torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=1e-8, msg=f"gradient moment {key}")
 
 
-def test_visual_weights_change_and_text_weights_do_not(video_root, cache_dir, tmp_path, monkeypatch):
-    used = []
+def record_cached_clips(monkeypatch) -> list:
+    """The CLIP models the finetune stage loads from its cache, in order (the stage keeps working)."""
+    used, original = [], finetune.cached_clip
 
     def keep(*args):
         used.append(original(*args))
         return used[-1]
 
-    original = finetune.cached_clip
     monkeypatch.setattr(finetune, "cached_clip", keep)
+    return used
+
+
+def test_visual_weights_change_and_text_weights_do_not(video_root, cache_dir, tmp_path, monkeypatch):
+    used = record_cached_clips(monkeypatch)
     run = tmp_path / "run"
     train_finetune(config(video_root, cache_dir), run, progress=False)
 
@@ -126,14 +131,7 @@ def test_a_head_with_the_text_tower_in_its_step_fine_tunes_and_evaluates(video_r
     # MCDP-FSAR runs the cache model's text tower inside the step: fine-tuning hands it the tower of the
     # model it trains (no second copy), the tower stays frozen, and evaluation on the tuned test cache takes
     # the tower of the cache the run trained from.
-    used = []
-
-    def keep(*args):
-        used.append(original(*args))
-        return used[-1]
-
-    original = finetune.cached_clip
-    monkeypatch.setattr(finetune, "cached_clip", keep)
+    used = record_cached_clips(monkeypatch)
     run = tmp_path / "mcdp"
     train_finetune(config(video_root, cache_dir, VIT, "model.kind=mcdp", "model.num_heads=4", "model.mlp_hidden=32",
                           "model.prompt_hidden=16"), run, progress=False)

@@ -18,7 +18,7 @@ from clipspm.stages.extract import ExtractOptions, extract
 from clipspm.stages.finetune import train_finetune
 from clipspm.stages.heads import train_heads
 from clipspm.system import THREADS_VARIABLE, core_budget, keeps_caller_threads, plan_threads, trainer_share, use_threads
-from tests.conftest import heads_config, run_cli
+from tests.conftest import OTAM_SUITE_YAML, heads_config, run_cli
 
 
 @pytest.fixture
@@ -149,15 +149,7 @@ def test_finetune_stage_shares_the_cores_between_decoding_workers_and_the_tower(
 
 def test_parallel_cpu_ablation_workers_run_one_thread_each(synthetic_cache, tmp_path):
     suite_file = tmp_path / "otam.yaml"
-    suite_file.write_text("""
-title: OTAM soft-min temperature
-columns: [lambda]
-curve: lambda
-reference: lam0.5
-variants:
-  - {name: lam0.1, columns: {lambda: 0.1}, set: [model.kind=otam, model.otam_lambda=0.1]}
-  - {name: lam0.5, columns: {lambda: 0.5}, set: [model.kind=otam, model.otam_lambda=0.5]}
-""")
+    suite_file.write_text(OTAM_SUITE_YAML)
     done = run_cli("ablate", "--suite", str(suite_file), "--shots", "1", "--parallel", "2", "--devices", "cpu,cpu",
                    "--dataset", "synthetic", "--root", str(synthetic_cache.parent.parent / "data"), "--cache-dir",
                    str(synthetic_cache.parent), "--eval-episodes", "20", "--runs-dir", str(tmp_path / "runs"),
