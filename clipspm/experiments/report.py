@@ -30,7 +30,7 @@ from clipspm.config import CONFIG_DIR
 from clipspm.experiments import figures
 from clipspm.experiments.reach import LogitReach, config_reach
 from clipspm.experiments.suites import Suite, SuiteSettings, Variant, read_suite_dir, run_dir_of, variant_config
-from clipspm.pipeline.methods import get_method
+from clipspm.pipeline.methods import HeadInputs, get_method
 from clipspm.stages.episodes import EpisodeIndex, build_episode
 from clipspm.stages.evaluate import compare_runs, finished_result, open_test_run
 from clipspm.stages.runs import head_inputs, metrics_path, selection_key
@@ -115,13 +115,15 @@ def collect_cells(suite_dir: Path, suite: Suite, settings: SuiteSettings) -> tup
     paper = paper_numbers(suite, settings)
     with FeatureCache(find_store(Path(settings.cache))) as cache:
         dim, frames = cache.meta["feature_dim"], cache.num_frames
+        inputs = {variant.name: stage_inputs(variant_config(settings, variant, settings.shots[0]), cache)
+                  for variant in suite.variants}   # once per variant: a text tower is not loaded again per K
     cells, missing = {}, []
     for k in settings.shots:
         reference = run_dir_of(suite_dir, suite.variant(suite.reference), k)
         reference_done = _scored(reference, settings)
         for variant in suite.variants:
             run = run_dir_of(suite_dir, variant, k)
-            reach = variant_reach(settings, variant, k, dim=dim, frames=frames)
+            reach = variant_reach(settings, variant, k, dim=dim, frames=frames, inputs=inputs[variant.name])
             cell = Cell(paper=paper.get(variant.name, {}).get(k), not_a_result=reach.reason(),
                         idle=reach.idle_modules)
             cells[variant.name, k] = cell
@@ -138,15 +140,21 @@ def collect_cells(suite_dir: Path, suite: Suite, settings: SuiteSettings) -> tup
     return cells, missing
 
 
-def variant_reach(settings: SuiteSettings, variant: Variant, shots: int, *, dim: int, frames: int) -> LogitReach:
+def variant_reach(settings: SuiteSettings, variant: Variant, shots: int, *, dim: int, frames: int,
+                  inputs: HeadInputs | None = None) -> LogitReach:
     """What of a variant's training reaches its logits, in the suite's stage (features of width `dim`, `frames`).
-    A method that needs what the stages load beside the cache (a text tower) gets it from the suite's cache."""
+    A method that needs what the stages load beside the cache (a text tower) gets `inputs`, or, without them,
+    those of the suite's cache."""
     cfg = variant_config(settings, variant, shots)
-    inputs = None
-    if get_method(cfg.model.kind).stage_inputs:
+    if inputs is None:
         with FeatureCache(find_store(Path(settings.cache))) as cache:
-            inputs = head_inputs(cfg, cache, torch.device("cpu"))
+            inputs = stage_inputs(cfg, cache)
     return config_reach(cfg, dim=dim, frames=frames, stage=settings.stage, inputs=inputs)
+
+
+def stage_inputs(cfg, cache: FeatureCache) -> HeadInputs | None:
+    """What the stages would load beside `cache` for the method of `cfg` (on the CPU); None if it needs nothing."""
+    return head_inputs(cfg, cache, torch.device("cpu")) if get_method(cfg.model.kind).stage_inputs else None
 
 
 def _scored(run_dir: Path, settings: SuiteSettings) -> dict | None:
