@@ -136,6 +136,10 @@ CASES = [
      r"unknown open_clip model 'nope'"),
     ("extract missing root", ("extract", "--dataset", "ucf101", "--root", "{missing}"), 2, r"does not exist"),
     ("extract unknown format", (*EXTRACT, "--format", "parquet"), 2, r"unknown cache format 'parquet'"),
+    ("extract unknown --sampling", (*EXTRACT, "--sampling", "random"), 2, r"--sampling random: use one of tsn, released"),
+    ("extract unknown --normalize", (*EXTRACT, "--normalize", "imagenet"), 2, r"--normalize imagenet: use one of clip, none"),
+    ("extract unknown --class-names", (*EXTRACT, "--class-names", "mine"), 2,
+     r"--class-names mine: use one of benchmark, released"),
     ("extract unknown split", (*EXTRACT, "--splits", "train,foo"), 2, r"splits must be"),
     # cache info / verify
     ("cache info missing", ("cache", "info", "{missing}"), 2, r"no feature cache at"),
@@ -318,8 +322,12 @@ def test_device_names_are_checked_before_anything_runs():
         resolve_device("meta")
 
 
-def test_an_unknown_backbone_is_refused_before_the_synthetic_dataset_is_generated(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("args", "message"), [(["--backbone", "nope"], "unknown open_clip model 'nope'"),
+                                               (["--normalize", "imagenet"], "--normalize imagenet"),
+                                               (["--class-names", "mine"], "--class-names mine")])
+def test_a_bad_extract_setting_is_refused_before_the_synthetic_dataset_is_generated(args, message, tmp_path,
+                                                                                     monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, output = run_main(["extract", "--backbone", "nope"], monkeypatch, capsys)
-    assert code == 2 and "unknown open_clip model 'nope'" in output
-    assert list(tmp_path.iterdir()) == [], "nothing (data/, caches/) is made before the model name is checked"
+    code, output = run_main(["extract", *args], monkeypatch, capsys)
+    assert code == 2 and message in output
+    assert list(tmp_path.iterdir()) == [], "nothing (data/, caches/) is made before the settings are checked"

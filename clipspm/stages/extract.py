@@ -52,9 +52,10 @@ from clipspm.cache.store import (
 )
 from clipspm.config import load_config, prompt_templates
 from clipspm.datasets import Dataset, load_dataset
-from clipspm.datasets.class_names import with_class_names
+from clipspm.datasets.class_names import CLASS_NAMES, with_class_names
 from clipspm.errors import CacheError, ClipspmError
 from clipspm.pipeline.encoder import (
+    NORMALIZATIONS,
     ClipModel,
     check_model_name,
     file_sha256,
@@ -151,8 +152,11 @@ def extract(options: ExtractOptions) -> ExtractResult:
         raise ClipspmError(f"unknown cache format {options.format!r}: use zarr or hdf5")
     if options.num_frames < 1 or options.train_views < 0:
         raise ClipspmError("--num-frames must be at least 1 and --train-views at least 0")
-    if options.sampling not in SAMPLINGS:
-        raise ClipspmError(f"--sampling {options.sampling}: use one of {', '.join(SAMPLINGS)}")
+    for option, value, choices in (("--sampling", options.sampling, SAMPLINGS),
+                                   ("--normalize", options.normalize, NORMALIZATIONS),
+                                   ("--class-names", options.class_names, CLASS_NAMES)):
+        if value not in choices:   # before anything is generated or loaded
+            raise ClipspmError(f"{option} {value}: use one of {', '.join(choices)}")
     dist = distributed.setup(options.device)
     console = make_console(quiet=not dist.is_main)
     started = time.perf_counter()
